@@ -485,7 +485,7 @@ def read_messages(path: str | Path, *, max_response_chars: int = 200_000) -> Ing
 
 # --------------------------------------------------------------------------- zeroeval
 
-_FENCE_RE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n?")
+_FENCE_RE = re.compile(r"```[ \t]*(?:json|JSON)?")
 # LaTeX commands whose backslash collides with a valid JSON escape (\b \f \n \r \t):
 # json.loads would silently turn "\frac" into form-feed + "rac". \b and \f are never
 # meant as escapes before a letter; \r and \t rarely before a lowercase letter; \n only
@@ -519,34 +519,54 @@ def _decode_json_string(raw: str) -> str:
 def parse_json_output(text: str) -> tuple[str, str | None]:
     """(reasoning, answer) from a model output that should hold ``{"reasoning", "answer"}``.
 
-    Tolerant like a real grader: strips a ```json fence (a missing closing fence is
-    fine), takes the first ``{`` to the last ``}``, re-escapes LaTeX backslashes that
-    are not valid JSON escapes (``\\sqrt``, and ``\\frac`` which JSON would read as a
-    form feed), parses with raw control characters allowed, and as a last resort pulls
-    the two fields out with regular expressions (e.g. an unterminated reasoning string
-    followed by ``"answer": "0"``). Raises ``ValueError`` with a reason otherwise.
+    Tolerant like a real grader. Candidates, tried in order: the first ```json fenced
+    block; the text from the first fence to the last one (the reasoning itself may hold
+    a fenced block); the whole output with fence markers removed (models often drop the
+    opening or the closing fence). For each candidate, the first ``{`` to the last ``}``
+    is parsed after re-escaping LaTeX backslashes that are not valid JSON escapes
+    (``\\sqrt``, and ``\\frac`` which JSON would read as a form feed), with raw control
+    characters allowed. As a last resort the two fields are pulled out with regular
+    expressions: ``"reasoning": "`` up to the last ``"answer":`` key, whose value must be
+    present (so an output cut off before its answer stays unparsable).
+    Raises ``ValueError`` naming the problem otherwise.
     """
     if not isinstance(text, str) or not text.strip():
         raise ValueError("empty output")
-    body = text.strip()
-    fence = _FENCE_RE.search(body)
-    if fence:
-        body = body[fence.end():]
-        close = body.find("```")
-        if close >= 0:
-            body = body[:close]
-    start, end = body.find("{"), body.rfind("}")
-    if start < 0:
+    s = text.strip()
+    fences = list(_FENCE_RE.finditer(s))
+    candidates = []
+    if len(fences) >= 2:
+        candidates.append(s[fences[0].end() : fences[1].start()])
+    if len(fences) >= 3:
+        candidates.append(s[fences[0].end() : fences[-1].start()])
+    candidates.append(_FENCE_RE.sub("", s))
+
+    first_error = None
+    for cand in candidates:
+        start, end = cand.find("{"), cand.rfind("}")
+        if start < 0 or end < start:
+            continue
+        try:
+            obj = _loads_lenient(_repair_escapes(cand[start : end + 1]))
+        except Exception as exc:  # noqa: BLE001
+            first_error = first_error or f"not valid JSON even after escape repair: {str(exc)[:160]}"
+            continue
+        try:
+            return _reasoning_answer(obj)
+        except ValueError as exc:
+            first_error = first_error or str(exc)
+    for cand in candidates:
+        obj = _regex_fields(cand)
+        if obj is not None:
+            return _reasoning_answer(obj)
+    if first_error:
+        raise ValueError(first_error)
+    if "{" not in s:
         raise ValueError("no JSON object in output")
-    if end < start:
-        raise ValueError(f"truncated output: JSON object never closed ({len(text)} chars)")
-    candidate = body[start : end + 1]
-    try:
-        obj = _loads_lenient(_repair_escapes(candidate))
-    except Exception as exc:  # noqa: BLE001
-        obj = _regex_fields(candidate)
-        if obj is None:
-            raise ValueError(f"not valid JSON even after escape repair: {str(exc)[:160]}") from None
+    raise ValueError(f"truncated output: JSON object never closed and no answer field ({len(text)} chars)")
+
+
+def _reasoning_answer(obj: Any) -> tuple[str, str | None]:
     if not isinstance(obj, dict):
         raise ValueError(f"JSON is a {_type_name(obj)}, not an object")
     reasoning = obj.get("reasoning")
@@ -562,18 +582,28 @@ def parse_json_output(text: str) -> tuple[str, str | None]:
     return reasoning, answer
 
 
+_REASONING_KEY = re.compile(r'"reasoning"\s*:\s*"')
+_ANSWER_KEY = re.compile(r'"answer"\s*:\s*')
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"', re.S)
+_UNQUOTED = re.compile(r"([^,}\n]+)")
+
+
 def _regex_fields(candidate: str) -> dict | None:
-    """Last-resort field extraction for almost-JSON (both fields must be found)."""
-    m_reason = re.search(r'"reasoning"\s*:\s*"(.*?)"?\s*,?\s*"answer"\s*:', candidate, re.S)
-    m_answer = re.search(r'"answer"\s*:\s*"(.*)"\s*,?\s*\}\s*$', candidate, re.S) or re.search(
-        r'"answer"\s*:\s*([^",}\s][^,}]*?)\s*,?\s*\}\s*$', candidate, re.S
-    )
-    if not (m_reason and m_answer):
+    """Last-resort field extraction for almost-JSON; None unless both fields are found."""
+    m_reason = _REASONING_KEY.search(candidate)
+    if m_reason is None:
         return None
-    return {
-        "reasoning": _decode_json_string(m_reason.group(1)),
-        "answer": _decode_json_string(m_answer.group(1)).strip(),
-    }
+    answer_keys = [m for m in _ANSWER_KEY.finditer(candidate) if m.start() >= m_reason.end()]
+    if not answer_keys:
+        return None
+    m_answer = answer_keys[-1]
+    value = _QUOTED.match(candidate, m_answer.end()) or _UNQUOTED.match(candidate, m_answer.end())
+    if value is None or not value.group(1).strip():
+        return None
+    # The reasoning string runs to the answer key, minus the '",' that should close it.
+    reasoning = candidate[m_reason.end() : m_answer.start()].rstrip()
+    reasoning = reasoning.removesuffix(",").rstrip().removesuffix('"')
+    return {"reasoning": _decode_json_string(reasoning), "answer": _decode_json_string(value.group(1)).strip()}
 
 
 def read_zeroeval(path: str | Path, *, max_response_chars: int = 200_000) -> IngestResult:

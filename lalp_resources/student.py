@@ -159,3 +159,16 @@ def tensors_sha256(model) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def load_tokenizer(spec: str = DEFAULT_MODEL):
+    """The student's tokenizer alone (segmentation needs it; the weights are not loaded)."""
+    from transformers import AutoTokenizer
+
+    src, gguf_file, _ = resolve_model(spec)
+    if gguf_file:
+        converted = cache_root() / "models" / sha256_files([Path(src) / gguf_file])[:24]
+        if (converted / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(str(converted))
+        return AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+    return AutoTokenizer.from_pretrained(src)

@@ -74,3 +74,30 @@ def window_key(namespace: str, prefix: Sequence[int], window: Sequence[int], j0:
     h.update(np.asarray(window, dtype=np.int64).tobytes())
     h.update(f"|{j0}:{j1}".encode())
     return h.hexdigest()[:32]
+
+
+def merge_unscored_steps(tokenizer, text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Merge steps in which no token of the response starts into the next step (the last such
+    step into the previous one). A step of one short word after a space ("... so. Yes") gets no
+    token of its own under byte-level BPE (" Yes" starts in the previous step's separator), and
+    a step without scored tokens has no score. Spans still tile the text."""
+    if len(spans) <= 1:
+        return list(spans)
+    _, starts = tokenize_with_starts(tokenizer, text)
+    import bisect
+
+    owned = [bisect.bisect_left(starts, hi) - bisect.bisect_left(starts, lo) for lo, hi in spans]
+    out: list[list[int]] = []
+    carry = None
+    for (lo, hi), n in zip(spans, owned):
+        if carry is not None:
+            lo = carry
+            carry = None
+        if n == 0 and hi != spans[-1][1]:
+            carry = lo
+            continue
+        if n == 0 and out:
+            out[-1][1] = hi
+            continue
+        out.append([lo, hi])
+    return [(a, b) for a, b in out]

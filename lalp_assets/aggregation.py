@@ -1,0 +1,180 @@
+"""Pure stage logic shared by the assets and the CLI: prompt sampling, steps frames, score
+aggregation, teacher ranking with bootstrap intervals, and response selection with reasons.
+
+No Dagster import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Callable
+
+import numpy as np
+import polars as pl
+
+STEP_COLUMNS = ["response_id", "prompt_id", "teacher", "step_index", "char_start", "char_end", "text"]
+
+
+def sample_prompts(prompt_ids: list[str], max_prompts: int | None) -> set[str]:
+    """A deterministic subset of prompts, stable as teachers and prompts are added: the
+    `max_prompts` prompt ids with the smallest hash. 0 or None means all."""
+    ids = sorted(set(prompt_ids))
+    if not max_prompts or max_prompts >= len(ids):
+        return set(ids)
+    return set(sorted(ids, key=lambda p: hashlib.sha256(p.encode()).hexdigest())[:max_prompts])
+
+
+def steps_frame(traces: pl.DataFrame, segment: Callable[[str], tuple[list[tuple[int, int]], str | None]]) -> pl.DataFrame:
+    """One row per step. `segment(text)` returns (spans, note); the note says e.g. why an LLM
+    segmenter fell back to rules."""
+    rows = {c: [] for c in STEP_COLUMNS + ["segment_note"]}
+    for rid, pid, teacher, text in traces.select("response_id", "prompt_id", "teacher", "response").iter_rows():
+        spans, note = segment(text)
+        for i, (lo, hi) in enumerate(spans):
+            for c, v in zip(STEP_COLUMNS + ["segment_note"], (rid, pid, teacher, i, lo, hi, text[lo:hi], note)):
+                rows[c].append(v)
+    return pl.DataFrame(
+        rows,
+        schema={
+            "response_id": pl.Utf8, "prompt_id": pl.Utf8, "teacher": pl.Utf8, "step_index": pl.Int32,
+            "char_start": pl.Int32, "char_end": pl.Int32, "text": pl.Utf8, "segment_note": pl.Utf8,
+        },
+    )
+
+
+def spans_by_response(steps: pl.DataFrame) -> dict[str, list[tuple[int, int]]]:
+    out: dict[str, list[tuple[int, int]]] = {}
+    for rid, lo, hi in steps.sort("response_id", "step_index").select("response_id", "char_start", "char_end").iter_rows():
+        out.setdefault(rid, []).append((lo, hi))
+    return out
+
+
+def lalp_from_steps(step_scores: pl.DataFrame) -> pl.DataFrame:
+    """LALP = mean of step scores, every step weighted equally (steps without tokens excluded)."""
+    return step_scores.group_by("response_id").agg(
+        pl.len().alias("n_steps"),
+        pl.col("mean_logprob").fill_nan(None).mean().alias("lalp"),
+    )
+
+
+def _paired_bootstrap(matrix: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """matrix: prompts x teachers. Resample prompts (the same draw for every teacher)."""
+    rng = np.random.default_rng(seed)
+    n = matrix.shape[0]
+    idx = rng.integers(0, n, size=(n_boot, n))
+    means = matrix[idx].mean(axis=1)  # n_boot x teachers
+    return np.percentile(means, 2.5, axis=0), np.percentile(means, 97.5, axis=0)
+
+
+def rank_teachers(responses: pl.DataFrame, n_boot: int = 1000, seed: int = 0) -> pl.DataFrame:
+    """Per teacher: mean LALP over the prompts every compared teacher answered, with a paired
+    bootstrap 95% interval; GALP the same way beside it. Teachers that share no prompt with the
+    others still get a row (null means, n_shared_prompts = 0)."""
+    scored = responses.filter(pl.col("lalp").is_not_null() & pl.col("lalp").is_not_nan())
+    teachers = sorted(responses["teacher"].unique().to_list())
+    per_prompt = scored.group_by("teacher", "prompt_id").agg(pl.col("lalp").mean(), pl.col("galp").mean())
+    counts = per_prompt.group_by("prompt_id").agg(pl.col("teacher").n_unique().alias("n"))
+    shared = sorted(counts.filter(pl.col("n") == len(teachers))["prompt_id"].to_list())
+    acc = responses.group_by("teacher").agg(
+        pl.len().alias("n_responses"), pl.col("is_correct").cast(pl.Float64).mean().alias("accuracy")
+    )
+    stats = {t: {} for t in teachers}
+    if shared and teachers:
+        pp = per_prompt.filter(pl.col("prompt_id").is_in(shared))
+        for metric in ("lalp", "galp"):
+            wide = pp.pivot(on="teacher", index="prompt_id", values=metric).sort("prompt_id")
+            mat = wide.select(teachers).to_numpy().astype(np.float64)
+            mat = np.nan_to_num(mat, nan=np.nanmean(mat))  # galp can be nan only for empty texts
+            lo, hi = _paired_bootstrap(mat, n_boot, seed)
+            for k, t in enumerate(teachers):
+                stats[t][f"{metric}_mean"] = float(mat[:, k].mean())
+                stats[t][f"{metric}_ci_low"] = float(lo[k])
+                stats[t][f"{metric}_ci_high"] = float(hi[k])
+    rows = []
+    for t in teachers:
+        s = stats[t]
+        rows.append(
+            {
+                "teacher": t,
+                "n_shared_prompts": len(shared),
+                **{k: s.get(k) for k in ("lalp_mean", "lalp_ci_low", "lalp_ci_high", "galp_mean", "galp_ci_low", "galp_ci_high")},
+            }
+        )
+    out = pl.DataFrame(
+        rows,
+        schema={
+            "teacher": pl.Utf8, "n_shared_prompts": pl.Int32, "lalp_mean": pl.Float64, "lalp_ci_low": pl.Float64,
+            "lalp_ci_high": pl.Float64, "galp_mean": pl.Float64, "galp_ci_low": pl.Float64, "galp_ci_high": pl.Float64,
+        },
+    ).join(acc, on="teacher", how="left")
+    out = out.with_columns(
+        pl.col("lalp_mean").rank("ordinal", descending=True).cast(pl.Int32).alias("lalp_rank"),
+        pl.col("galp_mean").rank("ordinal", descending=True).cast(pl.Int32).alias("galp_rank"),
+    )
+    return out.sort("lalp_rank", "teacher", nulls_last=True)
+
+
+def select_responses(candidates: pl.DataFrame, require_correct: bool = True) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Per prompt, the argmax of LALP among eligible responses.
+
+    Eligible: scored (LALP not null) and, when `require_correct` and the prompt has a reference
+    answer, verified correct. Ties on LALP go to the higher GALP, then teacher name, then
+    response_id, so the choice is deterministic. Returns (decisions, chosen): one decision row
+    per candidate with its reason, and one chosen row per prompt that has an eligible response.
+    """
+    need = ["prompt_id", "response_id", "teacher", "lalp", "galp", "is_correct", "reference_answer", "verify_reason"]
+    df = candidates.select(need).with_columns(pl.col("lalp").fill_nan(None))
+    decisions = []
+    chosen_ids = []
+    for (pid,), grp in df.sort("prompt_id").group_by(["prompt_id"], maintain_order=True):
+        rows = grp.to_dicts()
+        has_ref = any(r["reference_answer"] is not None for r in rows)
+        eligible, reasons = [], {}
+        for r in rows:
+            if r["lalp"] is None:
+                reasons[r["response_id"]] = "not scored (no steps or no LALP)"
+            elif require_correct and has_ref and r["is_correct"] is not True:
+                reasons[r["response_id"]] = f"not verified correct ({r['verify_reason'] or 'unknown'})"
+            else:
+                eligible.append(r)
+        if eligible:
+            ranked = sorted(eligible, key=lambda r: (-r["lalp"], -(r["galp"] if r["galp"] is not None else -np.inf), r["teacher"], r["response_id"]))
+            best = ranked[0]
+            tie = [r for r in eligible if r["lalp"] == best["lalp"]]
+            why = "highest LALP among eligible"
+            if not (require_correct and has_ref):
+                why += " (no reference answer: all scored responses eligible)" if not has_ref else " (correctness not required)"
+            if len(tie) > 1:
+                why += f"; tie with {len(tie) - 1} other(s) broken by GALP, then teacher name"
+            reasons[best["response_id"]] = why
+            chosen_ids.append(best["response_id"])
+            for r in ranked[1:]:
+                reasons[r["response_id"]] = f"lower LALP than {best['teacher']} ({r['lalp']:.4f} < {best['lalp']:.4f})" if r["lalp"] != best["lalp"] else "tie lost on GALP/teacher name"
+        for r in rows:
+            decisions.append(
+                {
+                    "prompt_id": pid, "response_id": r["response_id"], "teacher": r["teacher"], "lalp": r["lalp"],
+                    "is_correct": r["is_correct"], "eligible": r in eligible,
+                    "chosen": bool(eligible) and r["response_id"] == chosen_ids[-1], "reason": reasons[r["response_id"]],
+                }
+            )
+        if not eligible:
+            for d in decisions[-len(rows):]:
+                d["reason"] += "; prompt has no eligible response, nothing selected"
+    schema = {
+        "prompt_id": pl.Utf8, "response_id": pl.Utf8, "teacher": pl.Utf8, "lalp": pl.Float64, "is_correct": pl.Boolean,
+        "eligible": pl.Boolean, "chosen": pl.Boolean, "reason": pl.Utf8,
+    }
+    dec = pl.DataFrame(decisions, schema=schema)
+    stats = dec.group_by("prompt_id").agg(pl.len().alias("n_candidates"), pl.col("eligible").sum().alias("n_eligible"))
+    chosen = (
+        candidates.filter(pl.col("response_id").is_in(chosen_ids))
+        .join(stats, on="prompt_id")
+        .join(dec.filter("chosen").select("response_id", "reason"), on="response_id")
+    )
+    return dec, chosen
+
+
+def sft_messages(prompt: str, response: str) -> str:
+    return json.dumps([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], ensure_ascii=False)

