@@ -386,7 +386,7 @@ def read_canonical(path: str | Path, *, max_response_chars: int = 200_000) -> In
     """Canonical rows from JSONL (1-based line numbers) or Parquet (0-based row index)."""
     path = Path(path)
     data = _read_bytes(path)
-    if path.suffix.lower() == ".parquet":
+    if path.suffix.lower() == ".parquet" or data[:4] == b"PAR1":  # extension or Parquet magic
         return _read_canonical_parquet(path, data, max_response_chars)
     col = _Collector(_file_uri(path), _sha256_bytes(data), "canonical", "line", max_response_chars)
     for i, line, obj in _iter_jsonl(data, col):
@@ -487,12 +487,15 @@ def read_messages(path: str | Path, *, max_response_chars: int = 200_000) -> Ing
 
 _FENCE_RE = re.compile(r"```[ \t]*(?:json|JSON)?")
 # LaTeX commands whose backslash collides with a valid JSON escape (\b \f \n \r \t):
-# json.loads would silently turn "\frac" into form-feed + "rac". \b and \f are never
-# meant as escapes before a letter; \r and \t rarely before a lowercase letter; \n only
-# for a short list of commands (a newline before ordinary words is common).
+# json.loads would silently turn "\frac" into form-feed + "rac". \b and \f before a
+# letter are never meant as escapes; for \n, \r and \t (newline or tab before a word is
+# common) only a list of LaTeX command names counts, so correctly escaped JSON
+# round-trips unchanged.
 _LATEX_LIKE_ESCAPE = re.compile(
-    r"(?<!\\)((?:\\\\)*)\\(?=[bf][A-Za-z]|[rt][a-z]"
-    r"|n(?:eq|e|eg|u|abla|ot|mid|geq|leq|subseteq|exists|ewline|oindent|parallel)(?![A-Za-z]))"
+    r"(?<!\\)((?:\\\\)*)\\(?=[bf][A-Za-z]"
+    r"|n(?:eq|e|eg|u|abla|ot|otin|olimits|mid|geq|leq|subseteq|exists|ewline|oindent|parallel)(?![A-Za-z])"
+    r"|t(?:imes|ext|extbf|extit|extrm|exttt|heta|an|anh|au|o|frac|binom|ilde|riangle|op|herefore)(?![A-Za-z])"
+    r"|r(?:ight|ightarrow|ho|angle|floor|ceil|m|oot|brace|vert)(?![A-Za-z]))"
 )
 # Any backslash that does not start a valid JSON escape (\sqrt, \(, \cdot, ...).
 _INVALID_ESCAPE = re.compile(r'(?<!\\)((?:\\\\)*)\\(?!["\\/bfnrt]|u[0-9a-fA-F]{4})')
@@ -725,7 +728,8 @@ def read_champ(path: str | Path | None = None, *, teacher_mode: str = "model",
     In "model" mode with several settings, later settings of a (problem, model) pair are
     quarantined as ``conflicting_duplicate`` by dedupe (one response per teacher and prompt).
     source_row = 0-based index of the conversation over the whole file (problem order,
-    then conversation order), whatever settings are selected.
+    then conversation order), whatever settings are selected; n_read counts only the
+    selected conversations (1,080 by default, 19,440 for all settings).
     """
     path = Path(path) if path is not None else champ_path()
     if teacher_mode not in ("model", "model+setting"):
@@ -828,7 +832,7 @@ def _is_champ_spec(source: str | Path) -> bool:
 
 def _sniff_jsonl(data: bytes) -> str:
     """'messages' if the first parseable object has a 'messages' key, else 'canonical'."""
-    for n, line in enumerate(data.split(b"\n")):
+    for n, line in enumerate(data[: 1 << 20].split(b"\n")):  # the first MiB is plenty
         if n >= 200:
             break
         try:
@@ -876,6 +880,8 @@ def detect_format(source: str | Path) -> str:
             return "zeroeval"
         if isinstance(obj, dict) and "problems" in obj:
             return "champ"
+        if isinstance(obj, dict) and ("messages" in obj or "response" in obj):
+            return _sniff_jsonl(data)  # a one-line JSONL file
         raise ValueError(f"cannot detect the format of {path}: JSON {_type_name(obj)}; pass format=")
     raise ValueError(f"cannot detect the format of {path}: unknown extension {suffix!r}; pass format=")
 
@@ -932,7 +938,8 @@ def read_source(source: str | Path, format: str = "auto", *, teacher_mode: str =
     """Read one source (a file, a directory of files, or ``"champ"`` / ``"champ:v0"``).
 
     Rows are deduplicated within the source and, unless ``verify=False``, answers are
-    extracted and verified (:func:`lalp_resources.answers.annotate`).
+    extracted and verified (:func:`lalp_resources.answers.annotate`); with
+    ``verify=False`` the ``is_correct`` / ``verify_reason`` columns stay null.
     """
     return ingest([source], format, teacher_mode=teacher_mode, champ_settings=champ_settings,
                   max_response_chars=max_response_chars, verify=verify)

@@ -19,7 +19,6 @@ properties shape this module:
 
 from __future__ import annotations
 
-import logging
 import re
 import threading
 
@@ -31,9 +30,6 @@ __all__ = ["extract_final_answer", "verify_answer", "annotate", "MAX_VERIFY_CHAR
 MAX_VERIFY_CHARS = 1_000
 # Timeout (seconds) per math_verify parse / verify call.
 _TIMEOUT_S = 2
-
-# math_verify logs a warning every time timeouts are disabled; that is expected here.
-logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
 # --------------------------------------------------------------------------- extraction
