@@ -70,12 +70,12 @@ def check_result(name: str, suite) -> dg.AssetCheckResult:
     )
 
 
-def score_config(student: str, segmenter: str, segmenter_version: str, dtype: str) -> dict:
+def score_config(student: str, segmenter: str, segmenter_version: str, dtype: str, window: str, template: str) -> dict:
     return {
         "student": student,
         "segmenter": segmenter,
         "segmenter_version": segmenter_version,
-        "window_spec": SETTINGS.window,
-        "template": SETTINGS.template,
+        "window_spec": window,
+        "template": template,
         "dtype": dtype,
     }

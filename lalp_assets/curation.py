@@ -11,7 +11,7 @@ import polars as pl
 from lalp_assets.aggregation import select_responses, sft_messages
 from lalp_assets.common import SETTINGS, check_result, markdown_table, table_metadata
 from lalp_resources import expectations as gx_suites
-from lalp_resources.resources import WarehouseResource
+from lalp_resources.resources import PipelineSettingsResource, WarehouseResource
 from lalp_resources.warehouse import query, replace_all
 
 EXPORT_FIELDS = ["prompt_id", "teacher", "response_id", "lalp", "galp", "source_uri", "source_sha256"]
@@ -46,7 +46,7 @@ def export_curated(curated: pl.DataFrame, out_dir: Path) -> dict[str, str]:
     "ones (verified correct where a reference answer exists). Every candidate's decision and reason is "
     "in `selection_decisions`. Exported as chat JSONL and Parquet.",
 )
-def curated_sft_dataset(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
+def curated_sft_dataset(context: dg.AssetExecutionContext, warehouse: WarehouseResource, settings: PipelineSettingsResource):
     wh = warehouse.get()
     with wh.connect() as con:
         cand = query(
@@ -57,7 +57,7 @@ def curated_sft_dataset(context: dg.AssetExecutionContext, warehouse: WarehouseR
         )
         raw_ids = query(con, "SELECT response_id FROM raw_teacher_traces")["response_id"]
     run_id = context.run.run_id
-    decisions, chosen = select_responses(cand, require_correct=SETTINGS.require_correct)
+    decisions, chosen = select_responses(cand, require_correct=settings.require_correct)
     curated = chosen.with_columns(
         pl.struct("prompt", "response").map_elements(lambda r: sft_messages(r["prompt"], r["response"]), return_dtype=pl.Utf8).alias("messages"),
         pl.lit(run_id).alias("select_run_id"),
@@ -65,7 +65,7 @@ def curated_sft_dataset(context: dg.AssetExecutionContext, warehouse: WarehouseR
     with wh.connect() as con:
         replace_all(con, "curated_sft_dataset", curated)
         replace_all(con, "selection_decisions", decisions.with_columns(pl.lit(run_id).alias("select_run_id")))
-    paths = export_curated(curated, Path(SETTINGS.exports))
+    paths = export_curated(curated, Path(settings.exports))
     mix = curated.group_by("teacher").agg(pl.len().alias("rows")).with_columns(
         (pl.col("rows") / max(curated.height, 1) * 100).round(1).alias("percent")
     ).sort("rows", descending=True)

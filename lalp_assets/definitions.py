@@ -10,7 +10,13 @@ from lalp_assets.ingest import raw_teacher_traces
 from lalp_assets.rankings import teacher_rankings
 from lalp_assets.scores import response_scores, step_scores
 from lalp_assets.steps import reasoning_steps
-from lalp_resources.resources import SegmentationResource, StudentModelResource, TraceSourcesResource, WarehouseResource
+from lalp_resources.resources import (
+    PipelineSettingsResource,
+    SegmentationResource,
+    StudentModelResource,
+    TraceSourcesResource,
+    WarehouseResource,
+)
 
 ASSETS = [raw_teacher_traces, reasoning_steps, step_scores, response_scores, teacher_rankings, curated_sft_dataset]
 
@@ -24,6 +30,10 @@ def build_resources(settings=SETTINGS) -> dict:
         ),
         "student": StudentModelResource(model=settings.model, device=settings.device, dtype=settings.dtype),
         "segmentation": SegmentationResource(method=settings.segmenter, llm_url=settings.llm_url, llm_model=settings.llm_model),
+        "settings": PipelineSettingsResource(
+            window=settings.window, template=settings.template, max_prompts=settings.max_prompts,
+            require_correct=settings.require_correct, bootstrap=settings.bootstrap, exports=settings.exports,
+        ),
     }
 
 

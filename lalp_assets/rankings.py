@@ -8,7 +8,7 @@ import polars as pl
 from lalp_assets.aggregation import rank_teachers
 from lalp_assets.common import SETTINGS, check_result, markdown_table, table_metadata
 from lalp_resources import expectations as gx_suites
-from lalp_resources.resources import WarehouseResource
+from lalp_resources.resources import PipelineSettingsResource, WarehouseResource
 from lalp_resources.warehouse import query, replace_all
 
 
@@ -36,11 +36,11 @@ def ranking_markdown(rk: pl.DataFrame) -> str:
     description="Teachers ranked by mean LALP over the prompts every teacher answered, with a paired "
     "bootstrap 95% interval; GALP (the global baseline) and answer accuracy beside it.",
 )
-def teacher_rankings(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
+def teacher_rankings(context: dg.AssetExecutionContext, warehouse: WarehouseResource, settings: PipelineSettingsResource):
     wh = warehouse.get()
     with wh.connect() as con:
         resp = query(con, "SELECT * FROM response_scores")
-    rk = rank_teachers(resp, n_boot=SETTINGS.bootstrap).with_columns(pl.lit(context.run.run_id).alias("rank_run_id"))
+    rk = rank_teachers(resp, n_boot=settings.bootstrap).with_columns(pl.lit(context.run.run_id).alias("rank_run_id"))
     with wh.connect() as con:
         replace_all(con, "teacher_rankings", rk)
     md = ranking_markdown(rk)

@@ -11,7 +11,7 @@ from lalp_assets.aggregation import lalp_from_steps, spans_by_response
 from lalp_assets.common import BACKFILL, SETTINGS, check_result, score_config, table_metadata, teacher_partitions
 from lalp_resources import expectations as gx_suites
 from lalp_resources.engine import ScoreItem
-from lalp_resources.resources import StudentModelResource, WarehouseCache, WarehouseResource
+from lalp_resources.resources import PipelineSettingsResource, StudentModelResource, WarehouseCache, WarehouseResource
 from lalp_resources.warehouse import insert, query, replace_teachers
 
 SCORE_CODE_VERSION = f"score@1|{SETTINGS.model}|{SETTINGS.dtype}|{SETTINGS.window}|{SETTINGS.template}"
@@ -64,7 +64,12 @@ def items_for(steps: pl.DataFrame, traces: pl.DataFrame) -> list[ScoreItem]:
         "killed run resumes from the cache."
     ),
 )
-def step_scores(context: dg.AssetExecutionContext, warehouse: WarehouseResource, student: StudentModelResource):
+def step_scores(
+    context: dg.AssetExecutionContext,
+    warehouse: WarehouseResource,
+    student: StudentModelResource,
+    settings: PipelineSettingsResource,
+):
     teachers = list(context.partition_keys)
     wh = warehouse.get()
     with wh.connect() as con:
@@ -83,10 +88,13 @@ def step_scores(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
         con.execute("DELETE FROM galp_scores WHERE teacher IN (SELECT unnest(?))", [teachers])
     items = items_for(steps, traces)
     st = student.load()
-    engine = student.engine(SETTINGS.template, SETTINGS.window, cache=WarehouseCache(wh))
+    engine = student.engine(settings.template, settings.window, cache=WarehouseCache(wh))
     meta_cols = steps.select("response_id", "step_index", "prompt_id", "teacher", "segmenter", "segmenter_version",
                              "source_uri", "source_sha256", "ingest_run_id")
-    cfg = score_config(st.fingerprint, steps["segmenter"][0] if steps.height else "", steps["segmenter_version"][0] if steps.height else "", st.dtype)
+    cfg = score_config(
+        st.fingerprint, steps["segmenter"][0] if steps.height else "", steps["segmenter_version"][0] if steps.height else "",
+        st.dtype, settings.window, settings.template,
+    )
     run_id = context.run.run_id
     context.log.info(f"scoring {len(items)} responses ({steps.height} steps) of {teachers} with {st.fingerprint} on {st.device}/{st.dtype}")
     t0 = time.perf_counter()
@@ -127,7 +135,7 @@ def step_scores(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
             windows_total=stats.windows_total, windows_scored=stats.windows_scored, windows_cached=stats.windows_cached,
             tokens_forwarded=stats.tokens_forwarded, seconds=round(secs, 2),
             tokens_per_s=round(stats.tokens_forwarded / secs, 1) if secs else 0.0,
-            student=st.fingerprint, device=st.device, dtype=st.dtype, window=SETTINGS.window, template=SETTINGS.template,
+            student=st.fingerprint, device=st.device, dtype=st.dtype, window=settings.window, template=settings.template,
         )
     )
     yield check_result("step_scores_valid", gx_suites.step_scores_suite(written))

@@ -7,7 +7,7 @@ import polars as pl
 from lalp_assets.aggregation import sample_prompts, steps_frame
 from lalp_assets.common import BACKFILL, SETTINGS, check_result, table_metadata, teacher_partitions
 from lalp_resources import expectations as gx_suites
-from lalp_resources.resources import SegmentationResource, StudentModelResource, WarehouseResource
+from lalp_resources.resources import PipelineSettingsResource, SegmentationResource, StudentModelResource, WarehouseResource
 from lalp_resources.tokenization import merge_unscored_steps
 from lalp_resources.warehouse import query, replace_teachers
 
@@ -47,6 +47,7 @@ def reasoning_steps(
     warehouse: WarehouseResource,
     segmentation: SegmentationResource,
     student: StudentModelResource,
+    settings: PipelineSettingsResource,
 ):
     teachers = list(context.partition_keys)
     wh = warehouse.get()
@@ -58,11 +59,11 @@ def reasoning_steps(
             "FROM raw_teacher_traces WHERE teacher IN (SELECT unnest(?)) ORDER BY response_id",
             [teachers],
         )
-    keep = sample_prompts(all_prompts, SETTINGS.max_prompts)
+    keep = sample_prompts(all_prompts, settings.max_prompts)
     sampled = traces.filter(pl.col("prompt_id").is_in(list(keep)))
     context.log.info(
         f"segmenting {sampled.height} of {traces.height} responses ({len(keep)} of {len(all_prompts)} prompts; "
-        f"LALP_MAX_PROMPTS={SETTINGS.max_prompts}) with '{segmentation.method}'"
+        f"max_prompts={settings.max_prompts}) with '{segmentation.method}'"
     )
     steps = segment_traces(sampled, segmentation, student.tokenizer())
     version = segmentation.version()

@@ -82,6 +82,17 @@ class StudentModelResource(dg.ConfigurableResource):
         )
 
 
+class PipelineSettingsResource(dg.ConfigurableResource):
+    """Method settings the assets read at run time (defaults from LALP_* variables; see README)."""
+
+    window: str = "fixed:4"
+    template: str = "chat"
+    max_prompts: int = 8
+    require_correct: bool = True
+    bootstrap: int = 1000
+    exports: str = "dagster_home/exports"
+
+
 class TraceSourcesResource(dg.ConfigurableResource):
     """Where teacher traces come from: configured sources (files, folders, or `champ` for the
     embedded CHAMP package) plus every file dropped in the inbox folder."""

@@ -131,7 +131,8 @@ def table_exists(con, name: str) -> bool:
 
 
 def query(con, sql: str, params: Sequence | None = None) -> pl.DataFrame:
-    return pl.from_arrow(con.execute(sql, params or []).to_arrow_table())
+    rel = con.sql(sql, params=list(params)) if params else con.sql(sql)
+    return pl.from_arrow(rel.to_arrow_table())
 
 
 def columns(con, table: str) -> list[str]:

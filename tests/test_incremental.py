@@ -1,0 +1,158 @@
+"""Incremental re-scoring, the inbox sensor, and row-level lineage, on a real Dagster instance
+in a temp dir, a real DuckDB file, and a tiny random student saved as a local HF model dir."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from conftest import REPO, tiny_llama
+from lalp_assets.automation import inbox_sensor, rank_and_curate_job, score_teachers_job
+from lalp_assets.definitions import ASSETS, build_resources
+from lalp_assets.lineage import lineage_report
+from lalp_assets.settings import Settings
+from lalp_resources.warehouse import Warehouse
+
+
+def write_teacher(path: Path, teacher: str, salt: str) -> Path:
+    rows = []
+    for k, (q, ans) in enumerate([("What is 2+3?", "5"), ("What is 4*2?", "8"), ("Half of 9?", "4.5")]):
+        resp = (f"We start from the question ({salt}).\n\nWe compute carefully step {k}.\n\n"
+                f"Checking again with {teacher}.\n\nSo the answer is \\boxed{{{ans}}}.")
+        rows.append({"prompt_id": f"p{k}", "prompt": q, "teacher": teacher, "response": resp, "reference_answer": ans})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer):
+    d = tmp_path_factory.mktemp("tiny_student")
+    tiny_llama(len(smol_tokenizer), seed=3).save_pretrained(d)
+    smol_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch, tiny_model_dir):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+
+    def settings(**kw):
+        base = dict(warehouse=str(tmp_path / "lalp.duckdb"), sources=(), inbox=str(inbox), model=str(tiny_model_dir),
+                    device="cpu", dtype="float32", max_prompts=0, exports=str(tmp_path / "exports"), bootstrap=200)
+        base.update(kw)
+        return Settings(**base)
+
+    instance = dg.DagsterInstance.get()
+    yield instance, inbox, settings, tmp_path
+    instance.dispose()
+
+
+def tick_and_run(instance, settings, cursor=None):
+    """One sensor tick, then the runs it requested, as the daemon would launch them."""
+    res = build_resources(settings)
+    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"trace_sources": res["trace_sources"]})
+    result = inbox_sensor(ctx)
+    if isinstance(result, dg.SkipReason):
+        return [], cursor
+    for req in result.dynamic_partitions_requests:
+        instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+    defs = dg.Definitions(assets=ASSETS, resources=res, jobs=[score_teachers_job, rank_and_curate_job])
+    job = defs.resolve_job_def("score_teachers_job")
+    scored = []
+    for rr in result.run_requests:
+        out = job.execute_in_process(instance=instance, partition_key=rr.partition_key)
+        assert out.success
+        scored.append((rr.partition_key, windows_scored(instance)))
+    return scored, result.cursor
+
+
+def run_teacher(instance, settings, teacher):
+    defs = dg.Definitions(assets=ASSETS, resources=build_resources(settings), jobs=[score_teachers_job])
+    assert defs.resolve_job_def("score_teachers_job").execute_in_process(instance=instance, partition_key=teacher).success
+    return windows_scored(instance)
+
+
+def windows_scored(instance) -> dict:
+    ev = instance.get_latest_materialization_event(dg.AssetKey("step_scores"))
+    md = ev.asset_materialization.metadata
+    return {k: md[k].value for k in ("windows_total", "windows_scored", "windows_cached")}
+
+
+def expected_windows(wh: Warehouse, teacher: str, new_start_after: int | None = None) -> int:
+    """Steps + one GALP window per response; with `new_start_after`, only the steps whose window
+    start moved (index > K for fixed:K)."""
+    n = wh.read("SELECT count(*) AS n FROM reasoning_steps WHERE teacher = ?", [teacher])["n"][0]
+    r = wh.read("SELECT count(DISTINCT response_id) AS n FROM reasoning_steps WHERE teacher = ?", [teacher])["n"][0]
+    if new_start_after is None:
+        return int(n + r)
+    return int(wh.read("SELECT count(*) AS n FROM reasoning_steps WHERE teacher = ? AND step_index > ?",
+                       [teacher, new_start_after])["n"][0])
+
+
+def test_inbox_sensor_scores_new_teacher_only_then_nothing(env):
+    instance, inbox, settings, tmp = env
+    s = settings()
+    wh = Warehouse(s.warehouse)
+    write_teacher(inbox / "alpha.jsonl", "alpha", "a")
+    scored, cursor = tick_and_run(instance, s)
+    assert [t for t, _ in scored] == ["alpha"]
+    assert scored[0][1]["windows_scored"] == expected_windows(wh, "alpha") > 0
+
+    # nothing new: the sensor skips
+    again, cursor = tick_and_run(instance, s, cursor)
+    assert again == []
+
+    # a new teacher arrives: only it is registered and scored, and only its windows reach the model
+    write_teacher(inbox / "beta.jsonl", "beta", "b")
+    scored, cursor = tick_and_run(instance, s, cursor)
+    assert [t for t, _ in scored] == ["beta"]
+    assert instance.get_dynamic_partitions("teacher") == ["alpha", "beta"]
+    assert scored[0][1]["windows_scored"] == expected_windows(wh, "beta")
+
+    # re-materializing with nothing new sends zero windows to the model
+    w = run_teacher(instance, s, "beta")
+    assert w["windows_scored"] == 0 and w["windows_cached"] == w["windows_total"] > 0
+
+    # rankings and the curated set now include the new teacher
+    defs = dg.Definitions(assets=ASSETS, resources=build_resources(s), jobs=[rank_and_curate_job])
+    assert defs.resolve_job_def("rank_and_curate_job").execute_in_process(instance=instance).success
+    assert sorted(wh.read("SELECT teacher FROM teacher_rankings")["teacher"].to_list()) == ["alpha", "beta"]
+    teachers = set(wh.read("SELECT teacher FROM curated_sft_dataset")["teacher"].to_list())
+    assert teachers <= {"alpha", "beta"} and teachers
+    decisions = wh.read("SELECT DISTINCT teacher FROM selection_decisions")["teacher"].to_list()
+    assert sorted(decisions) == ["alpha", "beta"]
+
+    # lineage: a curated row back to its file, whose hash matches the inbox file
+    rid, teacher = wh.read("SELECT response_id, teacher FROM curated_sft_dataset LIMIT 1").row(0)
+    rep = lineage_report(rid, s.warehouse)
+    sha = hashlib.sha256((inbox / f"{teacher}.jsonl").read_bytes()).hexdigest()
+    assert rep["curated"] and rep["teacher"] == teacher
+    assert rep["input"]["source_sha256"] == sha and rep["input"]["file_unchanged"] is True
+    assert rep["scores"]["lalp"] is not None and len(rep["steps"]) > 0
+    assert all(info["status"] == "SUCCESS" for info in rep["runs"].values())
+
+
+def test_changing_the_window_rescores_once_then_nothing(env):
+    instance, inbox, settings, tmp = env
+    write_teacher(inbox / "alpha.jsonl", "alpha", "a")
+    instance.add_dynamic_partitions("teacher", ["alpha"])
+    s4 = settings(window="fixed:4")
+    wh = Warehouse(s4.warehouse)
+    first = run_teacher(instance, s4, "alpha")
+    assert first["windows_scored"] == first["windows_total"]
+    s2 = settings(window="fixed:2")
+    changed = run_teacher(instance, s2, "alpha")
+    # windows of steps 0..2 start at step 0 under both settings: identical tokens, reused exactly
+    assert changed["windows_scored"] == expected_windows(wh, "alpha", new_start_after=2) > 0
+    assert run_teacher(instance, s2, "alpha")["windows_scored"] == 0
+    assert wh.read("SELECT DISTINCT window_spec FROM step_scores")["window_spec"].to_list() == ["fixed:2"]
