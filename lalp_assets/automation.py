@@ -22,7 +22,6 @@ PER_TEACHER = ["raw_teacher_traces", "reasoning_steps", "step_scores", "response
 score_teachers_job = dg.define_asset_job(
     "score_teachers_job",
     selection=dg.AssetSelection.assets(*PER_TEACHER),
-    partitions_def=teacher_partitions,
     description="Ingest, segment and score the selected teacher partitions (one run, one model load).",
 )
 rank_and_curate_job = dg.define_asset_job(
@@ -78,7 +77,6 @@ rescore_schedule = dg.ScheduleDefinition(
     job=dg.define_asset_job(
         "rescore_job",
         selection=dg.AssetSelection.assets("reasoning_steps", "step_scores", "response_scores"),
-        partitions_def=teacher_partitions,
     ),
     default_status=dg.DefaultScheduleStatus.STOPPED,
     description="Periodic re-scoring (LALP_RESCORE_CRON). Only windows missing from the score cache reach the model.",
