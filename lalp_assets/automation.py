@@ -71,16 +71,29 @@ def inbox_sensor(context: dg.SensorEvaluationContext, trace_sources: TraceSource
     )
 
 
-rescore_schedule = dg.ScheduleDefinition(
-    name="rescore_schedule",
-    cron_schedule=SETTINGS.rescore_cron,
-    job=dg.define_asset_job(
-        "rescore_job",
-        selection=dg.AssetSelection.assets("reasoning_steps", "step_scores", "response_scores"),
-    ),
-    default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="Periodic re-scoring (LALP_RESCORE_CRON). Only windows missing from the score cache reach the model.",
+rescore_job = dg.define_asset_job(
+    "rescore_job",
+    selection=dg.AssetSelection.assets("reasoning_steps", "step_scores", "response_scores"),
+    description="Re-segment and re-score teacher partitions with the current settings.",
 )
+
+
+@dg.schedule(
+    name="rescore_schedule",
+    job=rescore_job,
+    cron_schedule=SETTINGS.rescore_cron,
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+    description="Periodic re-scoring of every teacher (LALP_RESCORE_CRON), as one run over the teacher "
+    "range so the student loads once. Only windows missing from the score cache reach the model.",
+)
+def rescore_schedule(context: dg.ScheduleEvaluationContext):
+    keys = context.instance.get_dynamic_partitions(teacher_partitions.name)
+    if not keys:
+        return dg.SkipReason("no teacher partitions registered yet")
+    return dg.RunRequest(
+        run_key=None,
+        tags={"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]},
+    )
 
 automation_sensor = dg.AutomationConditionSensorDefinition(
     "lalp_automation",

@@ -195,10 +195,12 @@ def cmd_run(args) -> int:
     )
     print(f"run {r1.run_id}: score_teachers_job {'succeeded' if r1.success else 'FAILED'}")
     if not r1.success:
+        _print_failures(r1)
         return 1
     r2 = defs.resolve_job_def("rank_and_curate_job").execute_in_process(instance=instance, raise_on_error=False)
     print(f"run {r2.run_id}: rank_and_curate_job {'succeeded' if r2.success else 'FAILED'}")
     if not r2.success:
+        _print_failures(r2)
         return 1
     from lalp_assets.rankings import ranking_markdown
     from lalp_resources.warehouse import Warehouse
@@ -212,6 +214,16 @@ def cmd_run(args) -> int:
     print(f"Curated SFT data: {Path(SETTINGS.exports) / 'curated_sft.jsonl'} (and .parquet)")
     print(f"Warehouse: {SETTINGS.warehouse}; open the UI with: make ui   ({time.perf_counter() - t0:.0f}s)")
     return 0
+
+
+def _print_failures(result) -> None:
+    for ev in result.all_events:
+        if ev.is_step_failure and ev.step_failure_data and ev.step_failure_data.error:
+            print(f"  step {ev.step_key} failed: {ev.step_failure_data.error.message.strip()}", file=sys.stderr)
+        elif ev.event_type_value == "ASSET_CHECK_EVALUATION":
+            data = ev.asset_check_evaluation_data
+            if not data.passed:
+                print(f"  check {data.check_name} on {data.asset_key.to_user_string()} FAILED", file=sys.stderr)
 
 
 # --- lalp lineage -----------------------------------------------------------------------------
@@ -288,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -23,12 +23,14 @@ ASSETS = [raw_teacher_traces, reasoning_steps, step_scores, response_scores, tea
 
 def build_resources(settings=SETTINGS) -> dict:
     return {
-        "warehouse": WarehouseResource(path=settings.warehouse),
+        "warehouse": WarehouseResource(path=settings.warehouse, lock_timeout_s=settings.warehouse_lock_timeout_s),
         "trace_sources": TraceSourcesResource(
             sources=list(settings.sources), inbox=settings.inbox, format=settings.source_format,
             teacher_mode=settings.teacher_mode, max_response_chars=settings.max_response_chars,
         ),
-        "student": StudentModelResource(model=settings.model, device=settings.device, dtype=settings.dtype),
+        "student": StudentModelResource(
+            model=settings.model, device=settings.device, dtype=settings.dtype, group_tokens=settings.group_tokens
+        ),
         "segmentation": SegmentationResource(method=settings.segmenter, llm_url=settings.llm_url, llm_model=settings.llm_model),
         "settings": PipelineSettingsResource(
             window=settings.window, template=settings.template, max_prompts=settings.max_prompts,

@@ -26,6 +26,7 @@ def _env(name: str, default: str) -> str:
 @dataclass(frozen=True)
 class Settings:
     warehouse: str = field(default_factory=lambda: _env("LALP_WAREHOUSE", str(dagster_home() / "lalp.duckdb")))
+    warehouse_lock_timeout_s: float = field(default_factory=lambda: float(_env("LALP_WAREHOUSE_LOCK_TIMEOUT", "120")))
     sources: tuple[str, ...] = field(default_factory=lambda: tuple(s.strip() for s in _env("LALP_SOURCES", "champ").split(",") if s.strip()))
     source_format: str = field(default_factory=lambda: _env("LALP_FORMAT", "auto"))
     teacher_mode: str = field(default_factory=lambda: _env("LALP_TEACHER_MODE", "model"))
@@ -35,6 +36,7 @@ class Settings:
     model: str = field(default_factory=lambda: _env("LALP_MODEL", "smollm2"))
     device: str = field(default_factory=lambda: _env("LALP_DEVICE", "auto"))
     dtype: str = field(default_factory=lambda: _env("LALP_DTYPE", "auto"))
+    group_tokens: int = field(default_factory=lambda: int(_env("LALP_GROUP_TOKENS", "0")))
     segmenter: str = field(default_factory=lambda: _env("LALP_SEGMENTER", "paragraph"))
     window: str = field(default_factory=lambda: _env("LALP_WINDOW", "fixed:4"))
     template: str = field(default_factory=lambda: _env("LALP_TEMPLATE", "chat"))

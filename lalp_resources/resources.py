@@ -64,6 +64,7 @@ class StudentModelResource(dg.ConfigurableResource):
     dtype: str = "auto"
     row_tokens: int = 0      # 0: the engine's default for the device
     batch_tokens: int = 0
+    group_tokens: int = 0    # prompts per committed chunk, by estimated tokens (0: default)
 
     def load(self):
         return _load_student_cached(self.model, self.device, self.dtype)
@@ -79,6 +80,7 @@ class StudentModelResource(dg.ConfigurableResource):
             st.model, st.tokenizer, template=template, window=window,
             namespace=f"{st.fingerprint}|{template}|{st.dtype}", cache=cache,
             row_tokens=self.row_tokens or None, batch_tokens=self.batch_tokens or None,
+            group_tokens=self.group_tokens or None,
         )
 
 

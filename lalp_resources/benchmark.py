@@ -1,0 +1,687 @@
+"""Throughput and memory benchmark: the packed engine against the plain reference.
+
+    python -m lalp_resources.benchmark [--prompts N] [--teachers T1 T2 ...] [--window fixed:4]
+        [--template chat] [--dtype float32] [--device auto] [--segmenter paragraph] [--memory]
+
+(`make bench BENCH_ARGS="..."` runs the same.)
+
+**Throughput.** A deterministic sample of real traces (the first N prompt ids, in natural order,
+among the prompts that every selected teacher answered, so the engine can reuse each prompt's
+prefix across teachers) is segmented, merged with `merge_unscored_steps`, and scored twice in
+the same process with the same model: by `reference_score` (one plain forward per window, plus
+GALP), then by `ScoringEngine.score_all`. The model is warmed up first on a tiny item so neither
+pays first-call costs. Both throughputs count the same tokens: the scored response tokens (sum
+over steps of n_tokens, plus the GALP tokens) divided by wall seconds. Step means are compared
+step by step; the LAST printed line is always
+
+    speedup=<engine tok/s / reference tok/s, 2 decimals> max_abs_diff=<%.2e>
+
+**Memory (`--memory`).** Synthetic long traces built from the real ones (a few huge paragraphs,
+so windows are long but few) are scored by the engine only, GALP included; the reference would
+not fit. On CUDA the peak is `torch.cuda.max_memory_allocated` above the resident model; on the
+CPU each size runs in a fresh subprocess that samples its RSS in a background thread during the
+call (and reports `ru_maxrss`). Default sizes: 1k, 8k and 32k tokens on CUDA; 1k, 4k and 8k on
+the CPU, where 32k takes far too long in float32 (pass `--memory-sizes 1000,8000,32000` to try).
+
+Inputs: `<repo>/../shared/data/zeroeval-math-l5` (ZeroEval MATH level 5); if it is absent, the
+embedded CHAMP traces (`ingest("champ")`), with a message saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import re
+import resource
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+ZEROEVAL_DIR = REPO.parent / "shared" / "data" / "zeroeval-math-l5"
+DEFAULT_PROMPTS = 2
+DEFAULT_WINDOW = "fixed:4"
+CPU_MEMORY_SIZES = (1000, 4000, 8000)
+GPU_MEMORY_SIZES = (1000, 8000, 32000)
+MEMORY_STEPS = 8
+FINAL_LINE_RE = re.compile(r"^speedup=(\d+\.\d{2}|inf|nan) max_abs_diff=(\d\.\d{2}e[+-]\d{2}|inf|nan)$")
+_MEMORY_TAG = "LALP_MEMORY_RESULT "
+
+# Dense bf16 peak FLOP/s (no sparsity) by GPU name; the first matching key wins.
+GPU_PEAK_BF16: list[tuple[str, float]] = [
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100 PCIE", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H800", 989e12),
+    ("B200", 2250e12),
+    ("B100", 1750e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("V100", 125e12),  # fp16 tensor cores; V100 has no bf16
+    ("T4", 65e12),     # fp16 tensor cores
+]
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def natural_key(s: str):
+    """Sort key: numeric ids in numeric order ("2" < "10"), others after, lexically."""
+    return (0, int(s), "") if s.isdigit() else (1, 0, s)
+
+
+def format_final_line(speedup: float, max_abs_diff: float) -> str:
+    sp = f"{speedup:.2f}" if math.isfinite(speedup) else ("inf" if speedup > 0 else "nan")
+    md = f"{max_abs_diff:.2e}" if math.isfinite(max_abs_diff) else ("inf" if max_abs_diff > 0 else "nan")
+    return f"speedup={sp} max_abs_diff={md}"
+
+
+def throughput(tokens: int, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else float("inf")
+
+
+def gpu_peak_flops(name: str) -> tuple[float | None, str]:
+    """(peak dense bf16 FLOP/s, the table key that matched) for a CUDA device name."""
+    up = name.upper()
+    for key, peak in GPU_PEAK_BF16:
+        if key in up:
+            return peak, key
+    return None, ""
+
+
+def sample_traces(traces, n_prompts: int, teachers: Sequence[str] | None = None):
+    """The first `n_prompts` prompt ids (natural order) answered by every selected teacher, and
+    every selected teacher's trace for them, ordered by (prompt id, teacher).
+
+    `traces` is a Polars frame with at least prompt_id, teacher, prompt, response, response_id.
+    Returns (rows as dicts, the teachers used, the prompt ids used).
+    """
+    import polars as pl
+
+    have = sorted(traces.get_column("teacher").unique().to_list())
+    if teachers:
+        missing = [t for t in teachers if t not in have]
+        if missing:
+            raise ValueError(f"unknown teacher(s) {missing}; the data has {have}")
+        use = list(dict.fromkeys(teachers))
+    else:
+        use = have
+    sub = traces.filter(pl.col("teacher").is_in(use))
+    per_prompt = sub.group_by("prompt_id").agg(pl.col("teacher").n_unique().alias("n"))
+    full = per_prompt.filter(pl.col("n") == len(use)).get_column("prompt_id").to_list()
+    if not full:  # no prompt shared by all of them: fall back to any prompt
+        full = per_prompt.get_column("prompt_id").to_list()
+    pids = sorted(full, key=natural_key)[: max(0, n_prompts)]
+    order = {p: k for k, p in enumerate(pids)}
+    rank = {t: k for k, t in enumerate(use)}
+    rows = [r for r in sub.filter(pl.col("prompt_id").is_in(pids)).iter_rows(named=True)]
+    rows.sort(key=lambda r: (order[r["prompt_id"]], rank[r["teacher"]], r["response_id"]))
+    return rows, use, pids
+
+
+def make_items(rows, tokenizer, segmenter: str = "paragraph"):
+    """ScoreItems for trace rows: segmented, then `merge_unscored_steps` with the student tokenizer."""
+    from lalp_assets.segmentation import segment
+    from lalp_resources.engine import ScoreItem
+    from lalp_resources.tokenization import merge_unscored_steps
+
+    if segmenter == "llm":
+        raise ValueError("the benchmark uses rule-based segmenters only (paragraph, line, sentence)")
+    items = []
+    for r in rows:
+        text = r["response"]
+        spans = merge_unscored_steps(tokenizer, text, segment(text, segmenter))
+        items.append(ScoreItem(r["response_id"], r["prompt"], text, spans))
+    return items
+
+
+def reference_forward_tokens(tokenizer, item, window: str = DEFAULT_WINDOW, template: str = "chat") -> tuple[int, int]:
+    """(token-forwards, forward calls) that `reference_score` spends on one item."""
+    from lalp_assets.windows import WindowSpec
+    from lalp_resources.tokenization import prefix_ids, scored_range, tokenize_with_starts
+
+    w = WindowSpec.parse(window)
+    npre = len(prefix_ids(tokenizer, item.prompt, template))
+    spans = list(item.spans)
+    total, calls = 0, 0
+    for i, (lo, hi) in enumerate(spans):
+        a = spans[w.start(i)][0]
+        _, starts = tokenize_with_starts(tokenizer, item.text[a:hi])
+        j0, j1 = scored_range(starts, lo - a, hi - a)
+        if j1 > j0:
+            total += npre + j1
+            calls += 1
+    ids, _ = tokenize_with_starts(tokenizer, item.text)
+    if ids:
+        total += npre + len(ids)
+        calls += 1
+    return total, calls
+
+
+# --------------------------------------------------------------------------- the two runs
+
+
+@dataclass
+class RunResult:
+    name: str
+    seconds: float
+    step_means: dict[tuple[str, int], float]   # (response_id, step) -> mean log-prob (nan: no tokens)
+    step_tokens: dict[tuple[str, int], int]
+    galp: dict[str, float]
+    galp_tokens: dict[str, int]
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return len(self.step_means)
+
+    @property
+    def tokens(self) -> int:
+        """Scored response tokens: sum over steps of n_tokens, plus the GALP tokens."""
+        return sum(self.step_tokens.values()) + sum(self.galp_tokens.values())
+
+    @property
+    def tokens_per_s(self) -> float:
+        return throughput(self.tokens, self.seconds)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_reference(model, tokenizer, items, window: str = DEFAULT_WINDOW, template: str = "chat") -> RunResult:
+    from lalp_resources.reference import reference_score
+
+    dev = next(model.parameters()).device
+    means, toks, galp, galp_toks = {}, {}, {}, {}
+    _sync(dev)
+    t0 = time.perf_counter()
+    for it in items:
+        r = reference_score(model, tokenizer, it.prompt, it.text, it.spans, window=window, template=template)
+        for i, (m, n) in enumerate(zip(r.step_means, r.step_counts)):
+            means[(it.response_id, i)] = m
+            toks[(it.response_id, i)] = n
+        galp[it.response_id] = r.galp
+        galp_toks[it.response_id] = r.galp_count
+    _sync(dev)
+    return RunResult("reference", time.perf_counter() - t0, means, toks, galp, galp_toks)
+
+
+def run_engine(model, tokenizer, items, window: str = DEFAULT_WINDOW, template: str = "chat", **engine_kw) -> RunResult:
+    from lalp_resources.engine import ScoringEngine
+
+    dev = next(model.parameters()).device
+    engine = ScoringEngine(model, tokenizer, template=template, window=window, namespace="benchmark",
+                           cache=None, **engine_kw)
+    _sync(dev)
+    t0 = time.perf_counter()
+    out = engine.score_all(items)
+    _sync(dev)
+    seconds = time.perf_counter() - t0
+    means = {(s.response_id, s.step_index): s.mean_logprob for s in out.steps}
+    toks = {(s.response_id, s.step_index): s.n_tokens for s in out.steps}
+    galp = {r.response_id: r.galp for r in out.responses}
+    galp_toks = {r.response_id: r.galp_tokens for r in out.responses}
+    return RunResult("engine", seconds, means, toks, galp, galp_toks, {"stats": engine.stats.as_dict()})
+
+
+@dataclass
+class Comparison:
+    max_abs_diff: float          # over step means
+    galp_max_diff: float
+    mean_abs_diff: float
+    n_steps: int
+    missing: int                 # steps present in one run only
+    count_mismatches: int        # steps whose scored-token counts differ
+    nan_mismatches: int          # a mean is nan in one run only
+    worst: tuple[str, int] | None
+
+
+def compare(ref: RunResult, eng: RunResult) -> Comparison:
+    keys = set(ref.step_means) | set(eng.step_means)
+    missing = len(keys ^ (set(ref.step_means) & set(eng.step_means)))
+    worst, worst_d, total, n, nan_mis, cnt_mis = None, 0.0, 0.0, 0, 0, 0
+    for k in sorted(keys):
+        if k not in ref.step_means or k not in eng.step_means:
+            continue
+        a, b = ref.step_means[k], eng.step_means[k]
+        if ref.step_tokens[k] != eng.step_tokens[k]:
+            cnt_mis += 1
+        if math.isnan(a) or math.isnan(b):
+            if math.isnan(a) != math.isnan(b):
+                nan_mis += 1
+            continue
+        d = abs(a - b)
+        total += d
+        n += 1
+        if d > worst_d or worst is None:
+            worst, worst_d = k, d
+    gd = 0.0
+    for rid, g in ref.galp.items():
+        h = eng.galp.get(rid, float("nan"))
+        if math.isnan(g) and math.isnan(h):
+            continue
+        gd = max(gd, abs(g - h)) if not (math.isnan(g) or math.isnan(h)) else float("inf")
+    if set(ref.galp) != set(eng.galp) or any(ref.galp_tokens[r] != eng.galp_tokens.get(r) for r in ref.galp_tokens):
+        gd = float("inf") if set(ref.galp) != set(eng.galp) else gd
+        cnt_mis += sum(1 for r in ref.galp_tokens if ref.galp_tokens[r] != eng.galp_tokens.get(r))
+    mad = worst_d if (missing == 0 and nan_mis == 0) else float("inf")
+    return Comparison(mad, gd, total / n if n else float("nan"), len(keys), missing, cnt_mis, nan_mis, worst)
+
+
+@dataclass
+class BenchResult:
+    reference: RunResult
+    engine: RunResult
+    comparison: Comparison
+    n_items: int
+    n_params: int
+    device: str
+    dtype: str
+    reference_forward_tokens: int = 0
+    reference_forward_calls: int = 0
+    peak_flops: float | None = None
+    peak_name: str = ""
+
+    @property
+    def speedup(self) -> float:
+        # Both count the same tokens (the reference's counts; the comparison flags any mismatch).
+        return throughput(self.reference.tokens, self.engine.seconds) / throughput(self.reference.tokens, self.reference.seconds)
+
+    @property
+    def final_line(self) -> str:
+        return format_final_line(self.speedup, self.comparison.max_abs_diff)
+
+    def mfu(self) -> dict[str, float] | None:
+        if self.peak_flops is None:
+            return None
+        st = self.engine.extra["stats"]
+        eng = 2 * self.n_params * (st["tokens_forwarded"] + st["prefix_tokens"]) / self.engine.seconds
+        ref = 2 * self.n_params * self.reference_forward_tokens / self.reference.seconds
+        return {"engine": eng / self.peak_flops, "reference": ref / self.peak_flops}
+
+    def report(self) -> list[str]:
+        ref, eng, c = self.reference, self.engine, self.comparison
+        st = eng.extra["stats"]
+        lines = [
+            f"{'':10s} {'items':>6s} {'steps':>6s} {'tokens':>8s} {'seconds':>9s} {'tokens/s':>9s} "
+            f"{'windows':>8s} {'fwd_tokens':>10s} {'fwd_calls':>9s} {'fwd_tok/s':>9s}",
+        ]
+        rows = [
+            (ref, self.n_items + self.comparison.n_steps, self.reference_forward_tokens, self.reference_forward_calls),
+            (eng, st["windows_total"], st["tokens_forwarded"] + st["prefix_tokens"], st["forward_calls"]),
+        ]
+        for r, windows, fwd, calls in rows:
+            lines.append(
+                f"{r.name:10s} {self.n_items:6d} {r.steps:6d} {r.tokens:8d} {r.seconds:9.2f} {r.tokens_per_s:9.1f} "
+                f"{windows:8d} {fwd:10d} {calls:9d} {throughput(fwd, r.seconds):9.1f}"
+            )
+        lines.append("(tokens = scored response tokens: step tokens + GALP tokens; fwd_tokens = token-forwards "
+                      "through the model, prefixes included; reference windows = steps + one GALP pass per item)")
+        lines.append(
+            "engine stats: " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in st.items())
+        )
+        lines.append(
+            f"work ratio (reference fwd_tokens / engine fwd_tokens) = "
+            f"{self.reference_forward_tokens / max(1, st['tokens_forwarded'] + st['prefix_tokens']):.2f}; "
+            f"per-token-forward speed ratio = "
+            f"{throughput(st['tokens_forwarded'] + st['prefix_tokens'], eng.seconds) / max(1e-9, throughput(self.reference_forward_tokens, ref.seconds)):.2f}"
+        )
+        m = self.mfu()
+        if m is not None:
+            lines.append(
+                f"MFU (2 * {self.n_params / 1e6:.1f}M params * fwd_tokens / s, over an assumed peak of "
+                f"{self.peak_flops / 1e12:.0f} TFLOP/s bf16 dense for '{self.peak_name}'): "
+                f"engine {100 * m['engine']:.2f}%, reference {100 * m['reference']:.2f}%"
+            )
+        lines.append(
+            f"agreement: step max |diff| = {c.max_abs_diff:.2e} (worst {c.worst}), mean |diff| = {c.mean_abs_diff:.2e}, "
+            f"GALP max |diff| = {c.galp_max_diff:.2e}, steps compared = {c.n_steps}, missing = {c.missing}, "
+            f"token-count mismatches = {c.count_mismatches}, nan mismatches = {c.nan_mismatches}"
+        )
+        if ref.tokens != eng.tokens:
+            lines.append(f"WARNING: token counts differ: reference {ref.tokens}, engine {eng.tokens}")
+        return lines
+
+
+def _warmup(model, tokenizer, window: str, template: str) -> None:
+    """One tiny reference call and one tiny engine call: first-call costs paid by neither run."""
+    from lalp_resources.engine import ScoreItem
+
+    text = "We add the numbers.\n\nSo 2 + 3 = 5.\n\nThe answer is 5."
+    spans = [(0, 21), (21, 36), (36, len(text))]
+    item = ScoreItem("warmup", "What is 2 + 3?", text, spans)
+    run_reference(model, tokenizer, [item], window, template)
+    run_engine(model, tokenizer, [item], window, template)
+
+
+def run_benchmark(model, tokenizer, items, *, window: str = DEFAULT_WINDOW, template: str = "chat",
+                  warmup: bool = True, dtype: str = "", peak_flops: float | None = None,
+                  log: Callable[[str], None] = print) -> BenchResult:
+    """The core: warm up, run the reference then the engine on the same items, compare."""
+    import torch
+
+    dev = next(model.parameters()).device
+    if warmup:
+        _warmup(model, tokenizer, window, template)
+    fwd, calls = 0, 0
+    for it in items:
+        f, c = reference_forward_tokens(tokenizer, it, window, template)
+        fwd += f
+        calls += c
+    log(f"reference: {len(items)} items ... (load average {_loadavg()})")
+    ref = run_reference(model, tokenizer, items, window, template)
+    log(f"reference: {ref.seconds:.1f}s, {ref.tokens_per_s:.1f} tok/s; engine ... (load average {_loadavg()})")
+    gc.collect()
+    eng = run_engine(model, tokenizer, items, window, template)
+    log(f"engine: {eng.seconds:.1f}s, {eng.tokens_per_s:.1f} tok/s (load average {_loadavg()})")
+    peak_name = ""
+    if dev.type == "cuda" and peak_flops is None:
+        peak_flops, peak_name = gpu_peak_flops(torch.cuda.get_device_name(dev))
+        peak_name = f"{torch.cuda.get_device_name(dev)} -> {peak_name or 'unknown'}"
+    elif peak_flops is not None:
+        peak_name = "--peak-flops"
+    return BenchResult(
+        ref, eng, compare(ref, eng), len(items), sum(p.numel() for p in model.parameters()),
+        str(dev), dtype or str(next(model.parameters()).dtype).removeprefix("torch."),
+        fwd, calls, peak_flops, peak_name,
+    )
+
+
+def _loadavg() -> str:
+    try:
+        return "%.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        return "n/a"
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def load_traces(data_dir: Path | None = None, log: Callable[[str], None] = print):
+    """(traces frame, description): the ZeroEval traces, or CHAMP when they are absent."""
+    from lalp_resources.adapters import ingest
+
+    data_dir = Path(data_dir) if data_dir else ZEROEVAL_DIR
+    if data_dir.is_dir():
+        return ingest(data_dir, "zeroeval", verify=False).traces, f"zeroeval ({data_dir})"
+    log(f"NOTE: {data_dir} is absent; falling back to the embedded CHAMP traces (ingest('champ')).")
+    return ingest("champ", verify=False).traces, "champ (embedded fallback)"
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def synthetic_trace(texts: Sequence[str], tokenizer, target_tokens: int, n_steps: int = MEMORY_STEPS,
+                    segmenter: str = "paragraph"):
+    """A long trace of about `target_tokens` tokens made of real text, in `n_steps` huge
+    paragraphs: real responses' lines are concatenated (their blank lines removed) and split into
+    `n_steps` groups of about equal token count. Returns (text, spans, n_tokens)."""
+    from lalp_assets.segmentation import segment
+    from lalp_resources.tokenization import merge_unscored_steps
+
+    lines = [ln.strip() for t in texts for ln in t.splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError("no text to build a synthetic trace from")
+    counts = [len(x) for x in tokenizer(lines, add_special_tokens=False)["input_ids"]]
+    chosen, cost, have, k = [], [], 0, 0
+    while have < target_tokens:
+        chosen.append(lines[k % len(lines)])
+        cost.append(counts[k % len(lines)] + 1)
+        have += cost[-1]
+        k += 1
+    # contiguous groups of about have / n_steps tokens each
+    groups, cur, acc = [], [], 0
+    for ln, c in zip(chosen, cost):
+        cur.append(ln)
+        acc += c
+        if len(groups) < n_steps - 1 and acc >= have * (len(groups) + 1) / n_steps:
+            groups.append(cur)
+            cur = []
+    if cur:
+        groups.append(cur)
+    text = "\n\n".join("\n".join(g) for g in groups)
+    spans = merge_unscored_steps(tokenizer, text, segment(text, segmenter))
+    n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return text, spans, n_tokens
+
+
+class RssSampler:
+    """Peak resident set size of this process, sampled in a background thread."""
+
+    def __init__(self, interval: float = 0.005):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.baseline = self.proc.memory_info().rss
+        self.peak = self.baseline
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def memory_one(model, tokenizer, prompt: str, texts: Sequence[str], target_tokens: int, *,
+               window: str = DEFAULT_WINDOW, template: str = "chat", n_steps: int = MEMORY_STEPS) -> dict:
+    """Score one synthetic trace with the engine only; measure its time and peak memory."""
+    import torch
+
+    from lalp_resources.engine import ScoreItem, ScoringEngine
+
+    text, spans, n_tok = synthetic_trace(texts, tokenizer, target_tokens, n_steps)
+    item = ScoreItem(f"synthetic-{target_tokens}", prompt, text, spans)
+    dev = next(model.parameters()).device
+    engine = ScoringEngine(model, tokenizer, template=template, window=window, namespace="benchmark-memory")
+    gc.collect()
+    res = {"target": target_tokens, "tokens": n_tok, "steps": len(spans), "device": str(dev)}
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        t0 = time.perf_counter()
+        out = engine.score_all([item])
+        torch.cuda.synchronize()
+        res["seconds"] = time.perf_counter() - t0
+        res["peak_mb"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+        res["peak_total_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    else:
+        with RssSampler() as s:
+            t0 = time.perf_counter()
+            out = engine.score_all([item])
+            res["seconds"] = time.perf_counter() - t0
+        res["peak_mb"] = (s.peak - s.baseline) / 2**20
+        res["peak_total_mb"] = s.peak / 2**20
+        res["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["lalp"] = out.responses[0].lalp
+    res["galp_tokens"] = out.responses[0].galp_tokens
+    st = engine.stats
+    res.update(tokens_forwarded=st.tokens_forwarded, forward_calls=st.forward_calls, windows=st.windows_total)
+    return res
+
+
+def _memory_worker(args) -> None:
+    """Subprocess body for one CPU memory size: prints one tagged JSON line."""
+    from lalp_resources.student import load_student
+
+    student = load_student(args.model, args.device, args.dtype)
+    traces, _ = load_traces(args.data, log=lambda m: print(m, file=sys.stderr))
+    rows, _, _ = sample_traces(traces, max(args.prompts, 1), _teachers(args.teachers))
+    texts = traces.get_column("response").head(400).to_list()
+    _warmup(student.model, student.tokenizer, args.window, args.template)
+    res = memory_one(student.model, student.tokenizer, rows[0]["prompt"], texts, args.memory_worker,
+                     window=args.window, template=args.template, n_steps=args.memory_steps)
+    print(_MEMORY_TAG + json.dumps(res), flush=True)
+
+
+def run_memory(args, student, traces, rows, log: Callable[[str], None] = print) -> list[dict]:
+    dev = student.device
+    sizes = [int(s) for s in args.memory_sizes.split(",")] if args.memory_sizes else list(
+        GPU_MEMORY_SIZES if dev.startswith("cuda") else CPU_MEMORY_SIZES
+    )
+    results = []
+    for size in sizes:
+        log(f"memory: ~{size} tokens, {args.memory_steps} steps ... (load average {_loadavg()})")
+        if dev.startswith("cuda"):
+            texts = traces.get_column("response").head(400).to_list()
+            try:
+                r = memory_one(student.model, student.tokenizer, rows[0]["prompt"], texts, size,
+                               window=args.window, template=args.template, n_steps=args.memory_steps)
+            except Exception as exc:  # noqa: BLE001 (an OOM is a result here)
+                r = {"target": size, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        else:
+            r = _memory_subprocess(args, size)
+        log("memory: " + json.dumps(r))
+        results.append(r)
+    return results
+
+
+def _memory_subprocess(args, size: int) -> dict:
+    cmd = [sys.executable, "-m", "lalp_resources.benchmark", "--memory-worker", str(size),
+           "--model", args.model, "--device", args.device, "--dtype", args.dtype, "--window", args.window,
+           "--template", args.template, "--memory-steps", str(args.memory_steps), "--prompts", str(max(1, args.prompts))]
+    if args.data:
+        cmd += ["--data", str(args.data)]
+    if args.teachers:
+        cmd += ["--teachers", *args.teachers]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.memory_timeout, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {"target": size, "error": f"timeout after {args.memory_timeout}s"}
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith(_MEMORY_TAG):
+            return json.loads(line[len(_MEMORY_TAG):])
+    return {"target": size, "error": f"worker exited {p.returncode}: {p.stderr.strip()[-400:]}"}
+
+
+def memory_table(results: list[dict]) -> list[str]:
+    lines = [f"{'target':>7s} {'tokens':>7s} {'steps':>5s} {'seconds':>8s} {'peak MB':>9s} {'total MB':>9s} "
+             f"{'fwd_tokens':>10s} {'fwd_calls':>9s}"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['target']:7d}  {r['error']}")
+            continue
+        lines.append(
+            f"{r['target']:7d} {r['tokens']:7d} {r['steps']:5d} {r['seconds']:8.1f} {r['peak_mb']:9.1f} "
+            f"{r['peak_total_mb']:9.1f} {r['tokens_forwarded']:10d} {r['forward_calls']:9d}"
+        )
+    if results and any(r.get("device", "").startswith("cuda") for r in results):
+        lines.append("(peak MB = torch.cuda.max_memory_allocated above the resident model; total MB = absolute)")
+    else:
+        lines.append("(CPU: peak MB = peak RSS growth during the call, sampled every 5 ms in a fresh subprocess; "
+                     "total MB = peak RSS of that process)")
+    return lines
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _teachers(values: Sequence[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    out = [t.strip() for v in values for t in v.split(",") if t.strip()]
+    return out or None
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    p = argparse.ArgumentParser(prog="python -m lalp_resources.benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS,
+                   help=f"number of prompts (first ids, natural order; default {DEFAULT_PROMPTS})")
+    p.add_argument("--teachers", nargs="+", default=None, help="teachers (space or comma separated; default: all)")
+    p.add_argument("--window", default=DEFAULT_WINDOW)
+    p.add_argument("--template", default="chat", choices=("chat", "plain"))
+    p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--segmenter", default="paragraph", choices=("paragraph", "line", "sentence"))
+    p.add_argument("--model", default="smollm2", help="student spec for load_student (default: smollm2)")
+    p.add_argument("--data", type=Path, default=None, help=f"ZeroEval directory (default {ZEROEVAL_DIR})")
+    p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: by GPU name)")
+    p.add_argument("--memory", action="store_true", help="also measure peak memory on long synthetic traces")
+    p.add_argument("--memory-only", action="store_true", help="only the memory table (no final speedup line)")
+    p.add_argument("--memory-sizes", default=None,
+                   help="comma-separated token counts (default 1000,8000,32000 on CUDA, 1000,4000,8000 on CPU)")
+    p.add_argument("--memory-steps", type=int, default=MEMORY_STEPS, help="paragraphs per synthetic trace")
+    p.add_argument("--memory-timeout", type=int, default=1800, help="seconds per CPU memory subprocess")
+    p.add_argument("--memory-worker", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parse_args(argv)
+    if args.memory_worker is not None:
+        _memory_worker(args)
+        return 0
+
+    import torch
+
+    from lalp_resources.student import load_student
+
+    t_start = time.perf_counter()
+    student = load_student(args.model, args.device, args.dtype)
+    dev = student.device
+    print(f"student: {student.model_id} on {dev}/{student.dtype}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name(dev)}" if dev.startswith("cuda") else ""))
+    traces, source = load_traces(args.data)
+    rows, teachers, pids = sample_traces(traces, args.prompts, _teachers(args.teachers))
+    if not rows:
+        print("no traces selected", file=sys.stderr)
+        return 2
+    print(f"data: {source}; {len(pids)} prompt(s) {pids}; {len(teachers)} teacher(s); {len(rows)} responses; "
+          f"window={args.window} template={args.template} segmenter={args.segmenter}")
+
+    final = None
+    if not args.memory_only:
+        items = make_items(rows, student.tokenizer, args.segmenter)
+        res = run_benchmark(student.model, student.tokenizer, items, window=args.window, template=args.template,
+                            dtype=student.dtype, peak_flops=args.peak_flops)
+        print()
+        for line in res.report():
+            print(line)
+        final = res.final_line
+    if args.memory or args.memory_only:
+        results = run_memory(args, student, traces, rows)
+        print()
+        for line in memory_table(results):
+            print(line)
+    print(f"total wall time {time.perf_counter() - t_start:.0f}s")
+    if final is not None:
+        print(final)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

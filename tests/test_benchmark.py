@@ -1,0 +1,136 @@
+"""The benchmark's helpers and its core run, on a tiny random model (fast; no real student)."""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+import pytest
+
+from lalp_assets.segmentation import segment
+from lalp_resources import benchmark as bm
+from lalp_resources.engine import ScoreItem
+
+TEXTS = [
+    "First we note that x = 2.\n\nThen y = 3.5, e.g. by substitution.\n\nSo x + y = 5.5.\n\n"
+    "We double-check: 2 + 3.5 = 5.5.\n\nThus the sum is 5.5.\n\nThe answer is $5.5$.",
+    "The answer is 7.",
+    "Step one: expand.\n\nStep two: simplify the result.",
+]
+
+
+def _items(tokenizer):
+    from lalp_resources.tokenization import merge_unscored_steps
+
+    prompts = ["What is x + y?", "What is x + y?", "Simplify (a+b)^2."]
+    return [
+        ScoreItem(f"r{i}", p, t, merge_unscored_steps(tokenizer, t, segment(t, "paragraph")))
+        for i, (p, t) in enumerate(zip(prompts, TEXTS))
+    ]
+
+
+def test_format_final_line():
+    line = bm.format_final_line(3.14159, 1.234e-6)
+    assert line == "speedup=3.14 max_abs_diff=1.23e-06"
+    assert bm.FINAL_LINE_RE.match(line)
+    assert bm.format_final_line(12.0, 0.0) == "speedup=12.00 max_abs_diff=0.00e+00"
+    assert bm.FINAL_LINE_RE.match(bm.format_final_line(float("inf"), float("nan")))
+
+
+def test_natural_order_and_sampling():
+    assert sorted(["10", "2", "1", "b", "a"], key=bm.natural_key) == ["1", "2", "10", "a", "b"]
+    rows = []
+    for pid in ["0", "1", "2", "10", "3"]:
+        for t in ["A", "B", "C"]:
+            if (pid, t) == ("1", "C"):  # prompt 1 is not answered by every teacher
+                continue
+            rows.append({"prompt_id": pid, "teacher": t, "prompt": f"p{pid}", "response": f"{pid}-{t}",
+                         "response_id": f"{pid}{t}"})
+    df = pl.DataFrame(rows)
+    got, teachers, pids = bm.sample_traces(df, 3, None)
+    assert teachers == ["A", "B", "C"] and pids == ["0", "2", "3"]
+    assert [(r["prompt_id"], r["teacher"]) for r in got] == [
+        (p, t) for p in ["0", "2", "3"] for t in ["A", "B", "C"]
+    ]
+    # with two teachers prompt 1 qualifies; the order follows the teachers as given
+    got, teachers, pids = bm.sample_traces(df, 2, ["B", "A"])
+    assert pids == ["0", "1"] and teachers == ["B", "A"]
+    assert [r["teacher"] for r in got] == ["B", "A", "B", "A"]
+    # deterministic
+    assert bm.sample_traces(df, 2, ["B", "A"])[0] == got
+    with pytest.raises(ValueError, match="unknown teacher"):
+        bm.sample_traces(df, 2, ["Z"])
+    assert bm._teachers(["A,B", "C"]) == ["A", "B", "C"]
+
+
+def test_gpu_peak_lookup():
+    assert bm.gpu_peak_flops("NVIDIA H100 80GB HBM3") == (989e12, "H100")
+    assert bm.gpu_peak_flops("NVIDIA H100 PCIe")[0] == 756e12
+    assert bm.gpu_peak_flops("NVIDIA H200")[0] == 989e12
+    assert bm.gpu_peak_flops("NVIDIA A100-SXM4-80GB")[0] == 312e12
+    assert bm.gpu_peak_flops("Some Unknown GPU") == (None, "")
+
+
+def test_token_counting_and_compare():
+    r = bm.RunResult("reference", 2.0, {("a", 0): -1.0, ("a", 1): -2.0}, {("a", 0): 3, ("a", 1): 4},
+                     {"a": -1.5}, {"a": 7})
+    e = bm.RunResult("engine", 0.5, {("a", 0): -1.0 + 1e-6, ("a", 1): -2.0}, {("a", 0): 3, ("a", 1): 4},
+                     {"a": -1.5 + 3e-6}, {"a": 7})
+    assert r.tokens == 14 and r.tokens_per_s == 7.0 and e.tokens_per_s == 28.0
+    c = bm.compare(r, e)
+    assert c.max_abs_diff == pytest.approx(1e-6) and c.worst == ("a", 0)
+    assert c.galp_max_diff == pytest.approx(3e-6)
+    assert c.missing == 0 and c.count_mismatches == 0
+    # a step the engine lost makes the diff infinite, not silently small
+    e.step_means.pop(("a", 1))
+    e.step_tokens.pop(("a", 1))
+    c = bm.compare(r, e)
+    assert c.missing == 1 and math.isinf(c.max_abs_diff)
+
+
+def test_reference_forward_tokens(smol_tokenizer):
+    from lalp_resources.tokenization import prefix_ids
+
+    item = _items(smol_tokenizer)[1]  # one step: one window + one GALP pass
+    npre = len(prefix_ids(smol_tokenizer, item.prompt, "chat"))
+    ntok = len(smol_tokenizer(item.text, add_special_tokens=False)["input_ids"])
+    assert bm.reference_forward_tokens(smol_tokenizer, item) == (2 * (npre + ntok), 2)
+
+
+def test_core_run_tiny_model(tiny_model, smol_tokenizer):
+    items = _items(smol_tokenizer)
+    logs = []
+    res = bm.run_benchmark(tiny_model, smol_tokenizer, items, window="fixed:2", template="chat", log=logs.append)
+    assert res.n_items == 3 and logs
+    assert res.reference.steps == res.engine.steps == sum(len(it.spans) for it in items)
+    assert res.reference.tokens == res.engine.tokens > 0
+    c = res.comparison
+    assert c.missing == 0 and c.count_mismatches == 0 and c.nan_mismatches == 0
+    assert c.max_abs_diff < 1e-4, c
+    assert c.galp_max_diff < 1e-4, c
+    st = res.engine.extra["stats"]
+    assert st["windows_total"] == res.engine.steps + len(items)
+    assert res.reference_forward_tokens > st["tokens_forwarded"]  # the engine forwards less
+    line = res.final_line
+    m = bm.FINAL_LINE_RE.match(line)
+    assert m, line
+    assert float(m.group(1)) == pytest.approx(res.speedup, abs=0.005)
+    assert float(m.group(2)) == pytest.approx(c.max_abs_diff, rel=0.01, abs=1e-12)
+    report = "\n".join(res.report())
+    assert "engine stats:" in report and "tokens_forwarded=" in report and "GALP max" in report
+
+
+def test_synthetic_trace_has_few_long_steps(smol_tokenizer):
+    text, spans, n = bm.synthetic_trace(TEXTS, smol_tokenizer, 400, n_steps=4)
+    assert 400 <= n <= 480
+    assert len(spans) == 4
+    assert spans[0][0] == 0 and spans[-1][1] == len(text)
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_memory_one_cpu(tiny_model, smol_tokenizer):
+    r = bm.memory_one(tiny_model, smol_tokenizer, "What is x + y?", TEXTS, 300, n_steps=3)
+    assert r["steps"] == 3 and r["tokens"] >= 300 and r["galp_tokens"] == r["tokens"]
+    assert r["peak_mb"] >= 0 and r["seconds"] > 0
+    lines = bm.memory_table([r, {"target": 5, "error": "timeout"}])
+    assert len(lines) == 4 and "timeout" in lines[2]
