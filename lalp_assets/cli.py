@@ -170,6 +170,7 @@ def cmd_run(args) -> int:
 
     Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
     instance = dg.DagsterInstance.get()
+    reap_dead_runs(instance)
     t0 = time.perf_counter()
     sources = defs.resources["trace_sources"]
     teachers = sources.discover_teachers()
@@ -190,14 +191,14 @@ def cmd_run(args) -> int:
         print("note: the partition range also covers teachers not in the current sources", file=sys.stderr)
     r1 = defs.resolve_job_def("score_teachers_job").execute_in_process(
         instance=instance,
-        tags={"dagster/asset_partition_range_start": keys[lo], "dagster/asset_partition_range_end": keys[hi]},
+        tags={"dagster/asset_partition_range_start": keys[lo], "dagster/asset_partition_range_end": keys[hi], **_owner_tags()},
         raise_on_error=False,
     )
     print(f"run {r1.run_id}: score_teachers_job {'succeeded' if r1.success else 'FAILED'}")
     if not r1.success:
         _print_failures(r1)
         return 1
-    r2 = defs.resolve_job_def("rank_and_curate_job").execute_in_process(instance=instance, raise_on_error=False)
+    r2 = defs.resolve_job_def("rank_and_curate_job").execute_in_process(instance=instance, tags=_owner_tags(), raise_on_error=False)
     print(f"run {r2.run_id}: rank_and_curate_job {'succeeded' if r2.success else 'FAILED'}")
     if not r2.success:
         _print_failures(r2)
@@ -214,6 +215,40 @@ def cmd_run(args) -> int:
     print(f"Curated SFT data: {Path(SETTINGS.exports) / 'curated_sft.jsonl'} (and .parquet)")
     print(f"Warehouse: {SETTINGS.warehouse}; open the UI with: make ui   ({time.perf_counter() - t0:.0f}s)")
     return 0
+
+
+def _owner_tags() -> dict:
+    import socket
+
+    return {"lalp/pid": str(os.getpid()), "lalp/host": socket.gethostname()}
+
+
+def reap_dead_runs(instance) -> list[str]:
+    """Runs this command executes in-process have no run monitor: if such a process was killed
+    (SIGKILL, OOM), its run stays STARTED and keeps its `gpu` pool slot, blocking every later
+    scoring run. Mark runs whose owning process is gone as failed and free their slots."""
+    import socket
+
+    import dagster as dg
+
+    reaped = []
+    host = socket.gethostname()
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING])):
+        pid, run_host = run.tags.get("lalp/pid"), run.tags.get("lalp/host")
+        if not pid or run_host != host:
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        instance.report_run_failed(run, f"the process that ran it (pid {pid}) is gone; marked failed by lalp run")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        reaped.append(run.run_id)
+        print(f"note: run {run.run_id} was left STARTED by a dead process; marked failed and freed its pool slot", file=sys.stderr)
+    return reaped
 
 
 def _print_failures(result) -> None:

@@ -572,7 +572,7 @@ def run_memory(args, student, traces, rows, log: Callable[[str], None] = print) 
 def _memory_subprocess(args, size: int) -> dict:
     cmd = [sys.executable, "-m", "lalp_resources.benchmark", "--memory-worker", str(size),
            "--model", args.model, "--device", args.device, "--dtype", args.dtype, "--window", args.window,
-           "--template", args.template, "--memory-steps", str(args.memory_steps), "--prompts", str(max(1, args.prompts))]
+           "--template", args.template, "--threads", str(args.threads or 0), "--memory-steps", str(args.memory_steps), "--prompts", str(max(1, args.prompts))]
     if args.data:
         cmd += ["--data", str(args.data)]
     if args.teachers:
@@ -626,6 +626,8 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--device", default="auto")
     p.add_argument("--segmenter", default="paragraph", choices=("paragraph", "line", "sentence"))
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's own; 1 is steadier on a CPU shared with other work)")
     p.add_argument("--model", default="smollm2", help="student spec for load_student (default: smollm2)")
     p.add_argument("--data", type=Path, default=None, help=f"ZeroEval directory (default {ZEROEVAL_DIR})")
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: by GPU name)")
@@ -642,11 +644,13 @@ def parse_args(argv: Sequence[str] | None = None):
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_worker is not None:
         _memory_worker(args)
         return 0
-
-    import torch
 
     from lalp_resources.student import load_student
 
