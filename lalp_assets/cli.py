@@ -177,10 +177,7 @@ def cmd_run(args) -> int:
     if not teachers:
         print("error: no teacher traces found in the configured sources", file=sys.stderr)
         return 2
-    known = instance.get_dynamic_partitions(teacher_partitions.name)
-    new = [t for t in teachers if t not in known]
-    if new:
-        instance.add_dynamic_partitions(teacher_partitions.name, new)
+    register_teachers(instance, teachers)
     keys = instance.get_dynamic_partitions(teacher_partitions.name)
     wanted = [k for k in keys if k in teachers]
     print(f"teachers: {wanted}; prompts per teacher: {SETTINGS.max_prompts or 'all'}; DAGSTER_HOME={os.environ['DAGSTER_HOME']}")
@@ -215,6 +212,24 @@ def cmd_run(args) -> int:
     print(f"Curated SFT data: {Path(SETTINGS.exports) / 'curated_sft.jsonl'} (and .parquet)")
     print(f"Warehouse: {SETTINGS.warehouse}; open the UI with: make ui   ({time.perf_counter() - t0:.0f}s)")
     return 0
+
+
+def register_teachers(instance, teachers: list[str]) -> list[str]:
+    """Add teacher partitions that do not exist yet. Safe when another process registers the
+    same teachers at the same moment (the loser of the race sees them and moves on)."""
+    from lalp_assets.common import teacher_partitions
+
+    added = []
+    for t in teachers:
+        if instance.has_dynamic_partition(teacher_partitions.name, t):
+            continue
+        try:
+            instance.add_dynamic_partitions(teacher_partitions.name, [t])
+            added.append(t)
+        except Exception:
+            if not instance.has_dynamic_partition(teacher_partitions.name, t):
+                raise
+    return added
 
 
 def _owner_tags() -> dict:

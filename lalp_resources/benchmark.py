@@ -376,7 +376,7 @@ def _warmup(model, tokenizer, window: str, template: str) -> None:
 
 def run_benchmark(model, tokenizer, items, *, window: str = DEFAULT_WINDOW, template: str = "chat",
                   warmup: bool = True, dtype: str = "", peak_flops: float | None = None,
-                  log: Callable[[str], None] = print) -> BenchResult:
+                  engine_kw: dict | None = None, log: Callable[[str], None] = print) -> BenchResult:
     """The core: warm up, run the reference then the engine on the same items, compare."""
     import torch
 
@@ -392,7 +392,7 @@ def run_benchmark(model, tokenizer, items, *, window: str = DEFAULT_WINDOW, temp
     ref = run_reference(model, tokenizer, items, window, template)
     log(f"reference: {ref.seconds:.1f}s, {ref.tokens_per_s:.1f} tok/s; engine ... (load average {_loadavg()})")
     gc.collect()
-    eng = run_engine(model, tokenizer, items, window, template)
+    eng = run_engine(model, tokenizer, items, window, template, **(engine_kw or {}))
     log(f"engine: {eng.seconds:.1f}s, {eng.tokens_per_s:.1f} tok/s (load average {_loadavg()})")
     peak_name = ""
     if dev.type == "cuda" and peak_flops is None:
@@ -628,6 +628,8 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--segmenter", default="paragraph", choices=("paragraph", "line", "sentence"))
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's own; 1 is steadier on a CPU shared with other work)")
+    p.add_argument("--row-tokens", type=int, default=None, help="engine row_tokens (default: the engine's)")
+    p.add_argument("--batch-tokens", type=int, default=None, help="engine batch_tokens (default: the engine's)")
     p.add_argument("--model", default="smollm2", help="student spec for load_student (default: smollm2)")
     p.add_argument("--data", type=Path, default=None, help=f"ZeroEval directory (default {ZEROEVAL_DIR})")
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: by GPU name)")
@@ -670,8 +672,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     final = None
     if not args.memory_only:
         items = make_items(rows, student.tokenizer, args.segmenter)
+        engine_kw = {k: v for k, v in (("row_tokens", args.row_tokens), ("batch_tokens", args.batch_tokens)) if v}
         res = run_benchmark(student.model, student.tokenizer, items, window=args.window, template=args.template,
-                            dtype=student.dtype, peak_flops=args.peak_flops)
+                            dtype=student.dtype, peak_flops=args.peak_flops, engine_kw=engine_kw)
         print()
         for line in res.report():
             print(line)
