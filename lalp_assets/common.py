@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import dagster as dg
 import polars as pl
 
+from lalp_assets.markdown import markdown_table  # noqa: F401  (re-exported for the asset modules)
 from lalp_assets.settings import Settings
 
 SETTINGS = Settings()
+
+# backfill_policy is marked beta in this Dagster release; we rely on it knowingly.
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 # One partition per teacher: "a new teacher arrived" scores that teacher alone.
 teacher_partitions = dg.DynamicPartitionsDefinition(name="teacher")
@@ -36,22 +41,6 @@ def table_metadata(df: pl.DataFrame, table: str, preview_rows: int = 5, **extra)
         "preview": dg.MetadataValue.md(md),
         **extra,
     }
-
-
-def markdown_table(df: pl.DataFrame, float_fmt: str = "{:.4f}") -> str:
-    if df.height == 0:
-        return "_(no rows)_"
-    head = "| " + " | ".join(df.columns) + " |\n| " + " | ".join("---" for _ in df.columns) + " |\n"
-    lines = []
-    for row in df.iter_rows():
-        cells = []
-        for v in row:
-            if isinstance(v, float):
-                cells.append(float_fmt.format(v))
-            else:
-                cells.append("" if v is None else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(lines)
 
 
 def check_result(name: str, suite) -> dg.AssetCheckResult:

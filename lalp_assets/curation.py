@@ -9,6 +9,7 @@ import dagster as dg
 import polars as pl
 
 from lalp_assets.aggregation import select_responses, sft_messages
+from lalp_assets.report import md_image, mix_plot, write_report
 from lalp_assets.common import SETTINGS, check_result, markdown_table, table_metadata
 from lalp_resources import expectations as gx_suites
 from lalp_resources.resources import PipelineSettingsResource, WarehouseResource
@@ -18,7 +19,8 @@ EXPORT_FIELDS = ["prompt_id", "teacher", "response_id", "lalp", "galp", "source_
 
 
 def export_curated(curated: pl.DataFrame, out_dir: Path) -> dict[str, str]:
-    """Chat JSONL (TRL / LLaMA-Factory `messages` style, one object per line) and Parquet."""
+    """Chat JSONL (TRL / LLaMA-Factory `messages` style, one object per line), Parquet, and a
+    Hugging Face `datasets` directory (`datasets.load_from_disk`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl = out_dir / "curated_sft.jsonl"
     tmp = jsonl.with_suffix(".jsonl.tmp")
@@ -29,7 +31,24 @@ def export_curated(curated: pl.DataFrame, out_dir: Path) -> dict[str, str]:
     tmp.replace(jsonl)
     parquet = out_dir / "curated_sft.parquet"
     curated.sort("prompt_id").write_parquet(parquet)
-    return {"jsonl": str(jsonl), "parquet": str(parquet)}
+    hf_dir = out_dir / "curated_sft_hf"
+    _save_hf_dataset(curated.sort("prompt_id"), hf_dir)
+    return {"jsonl": str(jsonl), "parquet": str(parquet), "hf_dataset": str(hf_dir)}
+
+
+def _save_hf_dataset(curated: pl.DataFrame, target: Path) -> None:
+    import shutil
+
+    import datasets
+
+    rows = curated.select(EXPORT_FIELDS + ["messages"]).with_columns(
+        pl.col("messages").map_elements(json.loads, return_dtype=pl.List(pl.Struct({"role": pl.Utf8, "content": pl.Utf8})))
+    )
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    datasets.Dataset.from_polars(rows).save_to_disk(str(tmp))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.replace(target)
 
 
 @dg.asset(
@@ -70,13 +89,23 @@ def curated_sft_dataset(context: dg.AssetExecutionContext, warehouse: WarehouseR
         (pl.col("rows") / max(curated.height, 1) * 100).round(1).alias("percent")
     ).sort("rows", descending=True)
     n_prompts = decisions["prompt_id"].n_unique()
+    with wh.connect() as con:
+        rk = query(con, "SELECT * FROM teacher_rankings")
+        steps = query(con, "SELECT teacher, mean_logprob FROM step_scores")
+        cfg = query(con, "SELECT DISTINCT student, segmenter_version, window_spec, template, dtype FROM response_scores")
+    report = write_report(
+        Path(settings.exports) / "report", rk, steps, mix, decisions,
+        cfg.row(0, named=True) if cfg.height == 1 else {"configs": cfg.height},
+    )
     context.log.info(f"curated {curated.height} of {n_prompts} prompts; teacher mix:\n{markdown_table(mix)}\nwrote {paths}")
     yield dg.MaterializeResult(
         metadata=table_metadata(
             curated.drop("prompt", "response", "messages"), "curated_sft_dataset",
             teacher_mix=dg.MetadataValue.md(markdown_table(mix)),
             prompts_considered=n_prompts, prompts_without_eligible=n_prompts - curated.height,
+            teacher_mix_plot=dg.MetadataValue.md(md_image(mix_plot(mix), "teacher mix")),
             jsonl=dg.MetadataValue.path(paths["jsonl"]), parquet=dg.MetadataValue.path(paths["parquet"]),
+            hf_dataset=dg.MetadataValue.path(paths["hf_dataset"]), report=dg.MetadataValue.path(str(report)),
         )
     )
     yield check_result("one_row_per_prompt_traceable", gx_suites.curated_suite(curated, raw_ids))

@@ -6,6 +6,7 @@ import dagster as dg
 import polars as pl
 
 from lalp_assets.aggregation import rank_teachers
+from lalp_assets.report import md_image, ranking_plot, step_distribution_plot
 from lalp_assets.common import SETTINGS, check_result, markdown_table, table_metadata
 from lalp_resources import expectations as gx_suites
 from lalp_resources.resources import PipelineSettingsResource, WarehouseResource
@@ -40,10 +41,19 @@ def teacher_rankings(context: dg.AssetExecutionContext, warehouse: WarehouseReso
     wh = warehouse.get()
     with wh.connect() as con:
         resp = query(con, "SELECT * FROM response_scores")
+        steps = query(con, "SELECT teacher, mean_logprob FROM step_scores")
     rk = rank_teachers(resp, n_boot=settings.bootstrap).with_columns(pl.lit(context.run.run_id).alias("rank_run_id"))
     with wh.connect() as con:
         replace_all(con, "teacher_rankings", rk)
     md = ranking_markdown(rk)
     context.log.info("teacher ranking:\n" + md)
-    yield dg.MaterializeResult(metadata=table_metadata(rk, "teacher_rankings", preview_rows=50, ranking=dg.MetadataValue.md(md)))
+    pictures = {}
+    if rk.height:
+        pictures = {
+            "ranking_plot": dg.MetadataValue.md(md_image(ranking_plot(rk), "LALP vs GALP ranking")),
+            "step_score_distributions": dg.MetadataValue.md(md_image(step_distribution_plot(steps), "step scores")),
+        }
+    yield dg.MaterializeResult(
+        metadata=table_metadata(rk, "teacher_rankings", preview_rows=50, ranking=dg.MetadataValue.md(md), **pictures)
+    )
     yield check_result("every_teacher_ranked", gx_suites.rankings_suite(sorted(resp["teacher"].unique().to_list()), rk))
