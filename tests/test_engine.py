@@ -64,9 +64,16 @@ def assert_matches_reference(model, tok, items, window, template, **engine_kw):
     return eng
 
 
-@pytest.mark.parametrize("segmenter", ["paragraph", "line", "sentence"])
-@pytest.mark.parametrize("window", ["fixed:0", "fixed:2", "fixed:4", "fraction:0.25", "fraction:0.6"])
-@pytest.mark.parametrize("template", ["chat", "plain"])
+CASES = (
+    # every segmenter with the default window, both templates
+    [(seg, "fixed:4", tpl) for seg in ("paragraph", "line", "sentence") for tpl in ("chat", "plain")]
+    # every window shape, including the fraction windows of paper v2
+    + [("paragraph", w, "chat") for w in ("fixed:0", "fixed:2", "fraction:0.25", "fraction:0.6")]
+    + [("sentence", "fraction:0.1", "plain")]
+)
+
+
+@pytest.mark.parametrize("segmenter,window,template", CASES)
 def test_engine_equals_reference(tiny_model, smol_tokenizer, segmenter, window, template):
     items = make_items(smol_tokenizer, segmenter, seed=hash((segmenter, window, template)) % 1000)
     # small budgets so packing, several rows per batch and query chunking are all exercised

@@ -85,7 +85,7 @@ def count(db: Path, sql: str) -> int | None:
 
 
 def test_sigkill_mid_scoring_then_resume_equals_uninterrupted(tmp_path, student_dir):
-    traces = write_traces(tmp_path / "traces.jsonl", n_prompts=14)
+    traces = write_traces(tmp_path / "traces.jsonl", n_prompts=8)
     # the uninterrupted reference run
     ref_env = lalp_env(tmp_path / "ref", traces, student_dir)
     out = subprocess.run([sys.executable, "-m", "lalp_assets.cli", "run"], env=ref_env, cwd=REPO,
