@@ -2,6 +2,7 @@
 `response_scores` (LALP beside GALP per response)."""
 
 
+import os
 import time
 
 import dagster as dg
@@ -13,6 +14,12 @@ from lalp_resources import expectations as gx_suites
 from lalp_resources.engine import ScoreItem
 from lalp_resources.resources import PipelineSettingsResource, StudentModelResource, WarehouseCache, WarehouseResource
 from lalp_resources.warehouse import insert, query, replace_teachers
+
+# On Kubernetes (dagster_home/deploy/), each scoring step's pod requests one GPU.
+GPU_OP_TAGS = (
+    {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
+    if os.environ.get("LALP_K8S_GPU") == "1" else {}
+)
 
 SCORE_CODE_VERSION = f"score@1|{SETTINGS.model}|{SETTINGS.dtype}|{SETTINGS.window}|{SETTINGS.template}"
 
@@ -52,6 +59,7 @@ def items_for(steps: pl.DataFrame, traces: pl.DataFrame) -> list[ScoreItem]:
     kinds={"torch", "duckdb"},
     deps=["reasoning_steps"],
     pool="gpu",
+    op_tags=GPU_OP_TAGS,
     code_version=SCORE_CODE_VERSION,
     check_specs=[
         dg.AssetCheckSpec("step_scores_valid", asset="step_scores", blocking=True,
