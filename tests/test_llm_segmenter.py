@@ -318,3 +318,17 @@ def test_version_and_repr_hide_key(server):
     assert seg.version.startswith("llm@") and PROMPT_VERSION in seg.version and "m1" in seg.version
     assert "sk-secret" not in repr(seg)
     assert seg.url.endswith("/v1/chat/completions") and "//chat" not in seg.url
+
+
+def test_engine_equals_reference_on_llm_steps(server, tiny_model, smol_tokenizer):
+    """The engine is exact on steps from the LLM segmenter too (real loopback endpoint)."""
+    from lalp_resources.engine import ScoreItem, ScoringEngine
+    from lalp_resources.reference import reference_score
+
+    spans, reason = _seg(server, "good-indices").segment(TEXT)
+    assert reason is None and len(spans) > 1
+    item = ScoreItem("llm", "Solve it.", TEXT, spans)
+    out = ScoringEngine(tiny_model, smol_tokenizer, window="fixed:2").score_all([item])
+    ref = reference_score(tiny_model, smol_tokenizer, item.prompt, TEXT, spans, "fixed:2", "chat")
+    for s, rs, rc in zip(sorted(out.steps, key=lambda s: s.step_index), ref.step_sums, ref.step_counts):
+        assert s.n_tokens == rc and abs(s.mean_logprob - rs / rc) < 1e-4
