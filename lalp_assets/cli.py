@@ -21,7 +21,7 @@ from lalp_assets.settings import REPO_ROOT, dagster_home
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "great_expectations", "httpx"):
+    for noisy in ("transformers", "great_expectations", "httpx", "math_verify"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
@@ -189,13 +189,16 @@ def cmd_run(args) -> int:
     r1 = defs.resolve_job_def("score_teachers_job").execute_in_process(
         instance=instance,
         tags={"dagster/asset_partition_range_start": keys[lo], "dagster/asset_partition_range_end": keys[hi], **_owner_tags()},
+        run_config=_log_config(args.verbose),
         raise_on_error=False,
     )
     print(f"run {r1.run_id}: score_teachers_job {'succeeded' if r1.success else 'FAILED'}")
     if not r1.success:
         _print_failures(r1)
         return 1
-    r2 = defs.resolve_job_def("rank_and_curate_job").execute_in_process(instance=instance, tags=_owner_tags(), raise_on_error=False)
+    r2 = defs.resolve_job_def("rank_and_curate_job").execute_in_process(
+        instance=instance, tags=_owner_tags(), run_config=_log_config(args.verbose), raise_on_error=False
+    )
     print(f"run {r2.run_id}: rank_and_curate_job {'succeeded' if r2.success else 'FAILED'}")
     if not r2.success:
         _print_failures(r2)
@@ -230,6 +233,11 @@ def register_teachers(instance, teachers: list[str]) -> list[str]:
             if not instance.has_dynamic_partition(teacher_partitions.name, t):
                 raise
     return added
+
+
+def _log_config(verbose: bool) -> dict:
+    """Dagster's console logger: progress and results at INFO, its step-by-step DEBUG only with -v."""
+    return {"loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "INFO"}}}}
 
 
 def _owner_tags() -> dict:

@@ -46,7 +46,7 @@ from typing import Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 ZEROEVAL_DIR = REPO.parent / "shared" / "data" / "zeroeval-math-l5"
-DEFAULT_PROMPTS = 2
+DEFAULT_PROMPTS = 4
 DEFAULT_WINDOW = "fixed:4"
 CPU_MEMORY_SIZES = (1000, 4000, 8000)
 GPU_MEMORY_SIZES = (1000, 8000, 32000)
@@ -276,14 +276,13 @@ def compare(ref: RunResult, eng: RunResult) -> Comparison:
         if d > worst_d or worst is None:
             worst, worst_d = k, d
     gd = 0.0
-    for rid, g in ref.galp.items():
-        h = eng.galp.get(rid, float("nan"))
+    for rid in set(ref.galp) | set(eng.galp):
+        g, h = ref.galp.get(rid, math.nan), eng.galp.get(rid, math.nan)
+        if ref.galp_tokens.get(rid) != eng.galp_tokens.get(rid):
+            cnt_mis += 1
         if math.isnan(g) and math.isnan(h):
             continue
-        gd = max(gd, abs(g - h)) if not (math.isnan(g) or math.isnan(h)) else float("inf")
-    if set(ref.galp) != set(eng.galp) or any(ref.galp_tokens[r] != eng.galp_tokens.get(r) for r in ref.galp_tokens):
-        gd = float("inf") if set(ref.galp) != set(eng.galp) else gd
-        cnt_mis += sum(1 for r in ref.galp_tokens if ref.galp_tokens[r] != eng.galp_tokens.get(r))
+        gd = math.inf if (math.isnan(g) or math.isnan(h)) else max(gd, abs(g - h))
     mad = worst_d if (missing == 0 and nan_mis == 0) else float("inf")
     return Comparison(mad, gd, total / n if n else float("nan"), len(keys), missing, cnt_mis, nan_mis, worst)
 
@@ -465,33 +464,40 @@ def synthetic_trace(texts: Sequence[str], tokenizer, target_tokens: int, n_steps
     return text, spans, n_tokens
 
 
+def current_rss() -> int:
+    """Resident set size of this process in bytes (psutil, else /proc/self/statm)."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 class RssSampler:
     """Peak resident set size of this process, sampled in a background thread."""
 
     def __init__(self, interval: float = 0.005):
-        import psutil
-
-        self.proc = psutil.Process()
         self.interval = interval
-        self.peak = self.proc.memory_info().rss
+        self.baseline = self.peak = current_rss()
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self.peak = max(self.peak, current_rss())
             self._stop.wait(self.interval)
 
     def __enter__(self):
-        self.baseline = self.proc.memory_info().rss
-        self.peak = self.baseline
+        self.baseline = self.peak = current_rss()
         self._t.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
+        self.peak = max(self.peak, current_rss())
 
 
 def memory_one(model, tokenizer, prompt: str, texts: Sequence[str], target_tokens: int, *,
