@@ -98,8 +98,10 @@ def cmd_score(args) -> int:
     items = [ScoreItem(rid, p, t, spans[rid]) for rid, p, t in traces.select("response_id", "prompt", "response").iter_rows()]
     engine = ScoringEngine(
         student.model, student.tokenizer, template=args.template, window=args.window,
-        namespace=f"{student.fingerprint}|{args.template}|{student.dtype}",
+        namespace=f"{student.fingerprint}|{args.template}|{student.dtype}", approx=args.approx,
     )
+    if args.approx:
+        print("note: --approx uses one step-sliding pass per response; step scores are NOT exact LALP", file=sys.stderr)
     bar = _progress_bar(len(steps) + len(items))
     t0 = time.perf_counter()
     result = engine.score_all(items, progress=lambda done, total, st: bar(done, total, st))
@@ -332,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     s.add_argument("--format", default="auto", choices=["auto", "canonical", "messages", "zeroeval", "champ"])
     s.add_argument("--max-prompts", type=int, default=0)
+    s.add_argument("--approx", action="store_true",
+                   help="opt-in approximate single pass (step-sliding mask); faster, not exact (see README)")
     s.add_argument("--max-response-chars", type=int, default=200_000)
     s.add_argument("--llm-url", default=os.environ.get("LALP_LLM_URL", ""))
     s.add_argument("--llm-model", default=os.environ.get("LALP_LLM_MODEL", ""))

@@ -196,3 +196,26 @@ def test_real_student_engine_equals_reference(smol_student):
     items = [ScoreItem(f"x{k}", it.prompt, it.text, it.spans) for k, it in enumerate(items)]
     for window, template in (("fixed:4", "chat"), ("fraction:0.25", "plain")):
         assert_matches_reference(smol_student.model, tok, items, window, template)
+
+
+def test_approximate_single_pass_mode_is_opt_in_and_close(tiny_model, smol_tokenizer):
+    """The step-sliding single pass: with a window covering every step and prefix-stable steps it
+    is exact; with a short window it differs (context tokens see other histories) and is keyed
+    apart in the cache so it can never be served as an exact score."""
+    text = "Let x = 2.\nThen x^2 = 4.\nAdd 3 to get 7.\nSo the answer is \\boxed{7}.\nDone here."
+    items = [ScoreItem("r", "Q?", text, segment(text, "line"))]
+    exact_all = ScoringEngine(tiny_model, smol_tokenizer, window="fixed:all").score_all(items)
+    approx_all = ScoringEngine(tiny_model, smol_tokenizer, window="fixed:all", approx=True).score_all(items)
+    for e, a in zip(exact_all.steps, approx_all.steps):
+        assert a.n_tokens == e.n_tokens and abs(a.mean_logprob - e.mean_logprob) < TOL
+    cache = DictCache()
+    exact = ScoringEngine(tiny_model, smol_tokenizer, window="fixed:1", cache=cache)
+    r = exact.score_all(items)
+    cache.store(r.new_cache_rows)
+    approx = ScoringEngine(tiny_model, smol_tokenizer, window="fixed:1", cache=cache, approx=True)
+    ra = approx.score_all(items)
+    assert approx.stats.windows_scored == len(items[0].spans)  # GALP (exact) came from the cache
+    diffs = [abs(a.mean_logprob - e.mean_logprob) for a, e in zip(ra.steps, r.steps)]
+    assert diffs[0] < TOL and diffs[1] < TOL  # steps 0-1 see the same history in both
+    assert max(diffs) > TOL  # later context tokens see a different history: not exact
+    assert approx.stats.tokens_forwarded < exact.stats.tokens_forwarded
