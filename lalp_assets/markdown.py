@@ -14,7 +14,7 @@ def markdown_table(df: pl.DataFrame, float_fmt: str = "{:.4f}") -> str:
         cells = []
         for v in row:
             if isinstance(v, float):
-                cells.append(float_fmt.format(v))
+                cells.append(float_fmt.format(v).rstrip("0").rstrip(".") if "." in float_fmt.format(v) else float_fmt.format(v))
             else:
                 cells.append("" if v is None else str(v))
         lines.append("| " + " | ".join(cells) + " |")

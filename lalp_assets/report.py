@@ -43,7 +43,7 @@ def ranking_plot(rk: pl.DataFrame) -> bytes:
     df = rk.filter(pl.col("lalp_mean").is_not_null()).sort("lalp_rank")
     teachers = df["teacher"].to_list()
     y = list(range(len(teachers)))[::-1]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 0.6 * max(len(teachers), 3) + 1.6), gridspec_kw={"width_ratios": [3, 3, 2]})
+    fig, axes = plt.subplots(1, 3, figsize=(10.5, 0.6 * max(len(teachers), 3) + 1.6), gridspec_kw={"width_ratios": [3, 3, 2]})
     for ax, metric, colour, title in ((axes[0], "lalp", "tab:blue", "LALP (local, the selection signal)"),
                                       (axes[1], "galp", "tab:gray", "GALP (global baseline)")):
         m = df[f"{metric}_mean"].to_numpy()

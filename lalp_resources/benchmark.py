@@ -186,6 +186,7 @@ class RunResult:
     galp: dict[str, float]
     galp_tokens: dict[str, int]
     extra: dict = field(default_factory=dict)
+    cpu_seconds: float = math.nan  # process CPU time (all threads): steadier than wall time on a busy CPU
 
     @property
     def steps(self) -> int:
@@ -214,7 +215,7 @@ def run_reference(model, tokenizer, items, window: str = DEFAULT_WINDOW, templat
     dev = next(model.parameters()).device
     means, toks, galp, galp_toks = {}, {}, {}, {}
     _sync(dev)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for it in items:
         r = reference_score(model, tokenizer, it.prompt, it.text, it.spans, window=window, template=template)
         for i, (m, n) in enumerate(zip(r.step_means, r.step_counts)):
@@ -223,7 +224,8 @@ def run_reference(model, tokenizer, items, window: str = DEFAULT_WINDOW, templat
         galp[it.response_id] = r.galp
         galp_toks[it.response_id] = r.galp_count
     _sync(dev)
-    return RunResult("reference", time.perf_counter() - t0, means, toks, galp, galp_toks)
+    return RunResult("reference", time.perf_counter() - t0, means, toks, galp, galp_toks,
+                     cpu_seconds=time.process_time() - c0)
 
 
 def run_engine(model, tokenizer, items, window: str = DEFAULT_WINDOW, template: str = "chat", **engine_kw) -> RunResult:
@@ -233,15 +235,15 @@ def run_engine(model, tokenizer, items, window: str = DEFAULT_WINDOW, template: 
     engine = ScoringEngine(model, tokenizer, template=template, window=window, namespace="benchmark",
                            cache=None, **engine_kw)
     _sync(dev)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = engine.score_all(items)
     _sync(dev)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     means = {(s.response_id, s.step_index): s.mean_logprob for s in out.steps}
     toks = {(s.response_id, s.step_index): s.n_tokens for s in out.steps}
     galp = {r.response_id: r.galp for r in out.responses}
     galp_toks = {r.response_id: r.galp_tokens for r in out.responses}
-    return RunResult("engine", seconds, means, toks, galp, galp_toks, {"stats": engine.stats.as_dict()})
+    return RunResult("engine", seconds, means, toks, galp, galp_toks, {"stats": engine.stats.as_dict()}, cpu)
 
 
 @dataclass
@@ -323,7 +325,7 @@ class BenchResult:
         st = eng.extra["stats"]
         lines = [
             f"{'':10s} {'items':>6s} {'steps':>6s} {'tokens':>8s} {'seconds':>9s} {'tokens/s':>9s} "
-            f"{'windows':>8s} {'fwd_tokens':>10s} {'fwd_calls':>9s} {'fwd_tok/s':>9s}",
+            f"{'cpu_s':>9s} {'windows':>8s} {'fwd_tokens':>10s} {'fwd_calls':>9s} {'fwd_tok/s':>9s}",
         ]
         rows = [
             (ref, self.n_items + self.comparison.n_steps, self.reference_forward_tokens, self.reference_forward_calls),
@@ -332,10 +334,11 @@ class BenchResult:
         for r, windows, fwd, calls in rows:
             lines.append(
                 f"{r.name:10s} {self.n_items:6d} {r.steps:6d} {r.tokens:8d} {r.seconds:9.2f} {r.tokens_per_s:9.1f} "
-                f"{windows:8d} {fwd:10d} {calls:9d} {throughput(fwd, r.seconds):9.1f}"
+                f"{r.cpu_seconds:9.2f} {windows:8d} {fwd:10d} {calls:9d} {throughput(fwd, r.seconds):9.1f}"
             )
-        lines.append("(tokens = scored response tokens: step tokens + GALP tokens; fwd_tokens = token-forwards "
-                      "through the model, prefixes included; reference windows = steps + one GALP pass per item)")
+        lines.append("(tokens = scored response tokens: step tokens + GALP tokens; cpu_s = process CPU seconds, "
+                      "all threads; fwd_tokens = token-forwards through the model, prefixes included; "
+                      "reference windows = steps + one GALP pass per item)")
         lines.append(
             "engine stats: " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in st.items())
         )
@@ -345,6 +348,9 @@ class BenchResult:
             f"per-token-forward speed ratio = "
             f"{throughput(st['tokens_forwarded'] + st['prefix_tokens'], eng.seconds) / max(1e-9, throughput(self.reference_forward_tokens, ref.seconds)):.2f}"
         )
+        if ref.cpu_seconds > 0 and eng.cpu_seconds > 0:
+            lines.append(f"speedup by wall time = {self.speedup:.2f}; by process CPU time = "
+                         f"{ref.cpu_seconds / eng.cpu_seconds:.2f} (steadier than wall time when other work shares the CPU, with --threads 1)")
         m = self.mfu()
         if m is not None:
             lines.append(
