@@ -41,7 +41,7 @@ def cmd_ingest(args) -> int:
     for reason, n in s["by_reason"].items():
         print(f"  quarantined {reason}: {n}")
     for row in res.quarantine.head(args.show).iter_rows(named=True):
-        print(f"  - {row['detail']}")
+        print(f"  - {row['source_uri'].rsplit('/', 1)[-1]}: {row['detail']}")
     print(f"wrote {out / 'traces.parquet'} and {out / 'quarantine.parquet'}")
     return 0
 
@@ -65,7 +65,7 @@ def cmd_score(args) -> int:
     s = res.summary()
     print(f"read {s['read']} rows = {s['accepted']} accepted + {s['quarantined']} quarantined", file=sys.stderr)
     for row in res.quarantine.iter_rows(named=True):
-        print(f"  skipped: {row['detail']}", file=sys.stderr)
+        print(f"  skipped: {row['source_uri'].rsplit('/', 1)[-1]}: {row['detail']}", file=sys.stderr)
     if res.quarantine.height:
         res.quarantine.write_parquet(out / "quarantine.parquet")
     traces = res.traces
