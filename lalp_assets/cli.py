@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run the whole Dagster graph (default: embedded CHAMP traces, SmolLM2 student)")
     g = r.add_mutually_exclusive_group()
-    g.add_argument("--all", action="store_true", help="score every prompt (default: LALP_MAX_PROMPTS, 8)")
+    g.add_argument("--all", action="store_true", help="score every prompt (default: LALP_MAX_PROMPTS, 5)")
     g.add_argument("--max-prompts", type=int, help="score this many prompts (0 = all)")
     r.add_argument("--source", action="append", help="trace source (file, folder, or 'champ'); repeatable")
     r.set_defaults(fn=cmd_run)

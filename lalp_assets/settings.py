@@ -32,7 +32,7 @@ class Settings:
     teacher_mode: str = field(default_factory=lambda: _env("LALP_TEACHER_MODE", "model"))
     inbox: str = field(default_factory=lambda: _env("LALP_INBOX", str(dagster_home() / "inbox")))
     max_response_chars: int = field(default_factory=lambda: int(_env("LALP_MAX_RESPONSE_CHARS", "200000")))
-    max_prompts: int = field(default_factory=lambda: int(_env("LALP_MAX_PROMPTS", "8")))
+    max_prompts: int = field(default_factory=lambda: int(_env("LALP_MAX_PROMPTS", "5")))
     model: str = field(default_factory=lambda: _env("LALP_MODEL", "smollm2"))
     device: str = field(default_factory=lambda: _env("LALP_DEVICE", "auto"))
     dtype: str = field(default_factory=lambda: _env("LALP_DTYPE", "auto"))

@@ -89,7 +89,7 @@ class PipelineSettingsResource(dg.ConfigurableResource):
 
     window: str = "fixed:4"
     template: str = "chat"
-    max_prompts: int = 8
+    max_prompts: int = 5
     require_correct: bool = True
     bootstrap: int = 1000
     exports: str = "dagster_home/exports"
