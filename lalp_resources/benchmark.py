@@ -444,7 +444,20 @@ def synthetic_trace(texts: Sequence[str], tokenizer, target_tokens: int, n_steps
     from lalp_assets.segmentation import segment
     from lalp_resources.tokenization import merge_unscored_steps
 
-    lines = [ln.strip() for t in texts for ln in t.splitlines() if ln.strip()]
+    # Real lines, cut at spaces into pieces of at most ~200 characters so that the total lands
+    # near the target and every paragraph gets many pieces.
+    lines = []
+    for t in texts:
+        for ln in t.splitlines():
+            words, cur = ln.split(), ""
+            for w in words:
+                if cur and len(cur) + 1 + len(w) > 200:
+                    lines.append(cur)
+                    cur = w
+                else:
+                    cur = f"{cur} {w}" if cur else w
+            if cur:
+                lines.append(cur)
     if not lines:
         raise ValueError("no text to build a synthetic trace from")
     counts = [len(x) for x in tokenizer(lines, add_special_tokens=False)["input_ids"]]
@@ -454,12 +467,15 @@ def synthetic_trace(texts: Sequence[str], tokenizer, target_tokens: int, n_steps
         cost.append(counts[k % len(lines)] + 1)
         have += cost[-1]
         k += 1
-    # contiguous groups of about have / n_steps tokens each
+    n_steps = max(1, min(n_steps, len(chosen)))
+    # n_steps contiguous groups of about have / n_steps tokens each (none empty)
     groups, cur, acc = [], [], 0
-    for ln, c in zip(chosen, cost):
+    for j, (ln, c) in enumerate(zip(chosen, cost)):
         cur.append(ln)
         acc += c
-        if len(groups) < n_steps - 1 and acc >= have * (len(groups) + 1) / n_steps:
+        left = len(chosen) - j - 1
+        need = n_steps - len(groups) - 1  # groups still to open after this one
+        if need > 0 and (acc >= have * (len(groups) + 1) / n_steps or left == need):
             groups.append(cur)
             cur = []
     if cur:
