@@ -217,13 +217,14 @@ class ScoringEngine:
                 raise ValueError(f"response {it.response_id}: no steps to score")
             by_prompt[it.prompt].append(idx)
         # Group whole prompts (the unit of prefix reuse and of commit) up to a token budget.
-        groups, cur, cur_chars = [], [], 0
+        # Work estimate: ~3 characters per token, and windows re-read context (x2-3).
+        groups, cur, est_tokens = [], [], 0.0
         for prompt, idxs in by_prompt.items():
             cur.append(prompt)
-            cur_chars += sum(len(items[i].text) for i in idxs) * (2 if self.window.kind == "fixed" else 3)
-            if cur_chars / 3 >= self.group_tokens:  # ~3 chars per token is enough for grouping
+            est_tokens += sum(len(items[i].text) for i in idxs) * (2 if self.window.kind == "fixed" else 3) / 3
+            if est_tokens >= self.group_tokens:
                 groups.append(cur)
-                cur, cur_chars = [], 0
+                cur, est_tokens = [], 0.0
         if cur:
             groups.append(cur)
         total = sum(len(it.spans) + (1 if self.galp else 0) for it in items)
@@ -304,9 +305,6 @@ class ScoringEngine:
             units = self._build_approx_units(items, plans, toks, tasks, todo, prompt_index)
         else:
             units = self._build_units(items, plans, toks, tasks, todo, prompt_index)
-        trunk_texts = None  # (kept for clarity: unit trunks reuse `toks` where possible)
-        del trunk_texts
-
         # 4. Forward passes.
         if units:
             self._run_units(units, prefixes, tasks)

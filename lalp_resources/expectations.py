@@ -63,8 +63,7 @@ def validate(suite_name: str, df: pl.DataFrame, expectations: list[tuple[str, di
         suite = gx.ExpectationSuite(name=name)
         for cls_name, kwargs in expectations:
             suite.add_expectation(getattr(gx.expectations, cls_name)(**kwargs))
-        pdf = df.to_pandas() if df.height else df.to_pandas()
-        batch = batch_def.get_batch(batch_parameters={"dataframe": pdf})
+        batch = batch_def.get_batch(batch_parameters={"dataframe": df.to_pandas()})
         res = batch.validate(suite, result_format="SUMMARY")
         ctx.data_sources.delete(name)
     failures, evaluated = [], []
