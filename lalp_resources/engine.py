@@ -201,6 +201,8 @@ class ScoringEngine:
         self.eager = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
         self.pad_id = 0
         self.stats = EngineStats()
+        self._on_batch = None
+        self._t0 = time.perf_counter()
 
     # -- public ---------------------------------------------------------------------------
 
@@ -210,7 +212,7 @@ class ScoringEngine:
         progress: Callable[[int, int, EngineStats], None] | None = None,
     ) -> Iterator[ScoredChunk]:
         """Score items; yields one complete `ScoredChunk` per group of prompts."""
-        t0 = time.perf_counter()
+        t0 = self._t0 = time.perf_counter()
         by_prompt: dict[str, list[int]] = defaultdict(list)
         for idx, it in enumerate(items):
             if not it.spans:
@@ -231,8 +233,12 @@ class ScoringEngine:
         done = 0
         for prompts in groups:
             idxs = [i for p in prompts for i in by_prompt[p]]
+            n_group = sum(len(items[i].spans) + (1 if self.galp else 0) for i in idxs)
+            if progress:  # within a group, report by the share of its token-forwards done
+                self._on_batch = lambda frac, d=done, n=n_group: progress(d + int(n * frac), total, self.stats)
             chunk = self._score_group(prompts, [items[i] for i in idxs])
-            done += sum(len(items[i].spans) + (1 if self.galp else 0) for i in idxs)
+            self._on_batch = None
+            done += n_group
             self.stats.seconds = time.perf_counter() - t0
             if progress:
                 progress(done, total, self.stats)
@@ -471,6 +477,8 @@ class ScoringEngine:
                     counts[kk] += 1
         rows = self._pack_rows(units)
         rows.sort(key=lambda r: -sum(u.length for u in r))
+        work = sum(u.length for u in units) or 1
+        work_done = 0
         batch: list[list[_Unit]] = []
         for r in rows + [None]:
             if r is not None:
@@ -480,6 +488,10 @@ class ScoringEngine:
                     continue
             if batch:
                 self._run_batch(batch, pre_kv, pre_len, slot, sums, counts)
+                work_done += sum(u.length for row in batch for u in row)
+                if self._on_batch and work_done < work:
+                    self.stats.seconds = time.perf_counter() - self._t0
+                    self._on_batch(work_done / work)
             batch = [r] if r is not None else []
         for k, t in enumerate(tasks):
             if counts[k]:
