@@ -219,3 +219,15 @@ def test_approximate_single_pass_mode_is_opt_in_and_close(tiny_model, smol_token
     assert diffs[0] < TOL and diffs[1] < TOL  # steps 0-1 see the same history in both
     assert max(diffs) > TOL  # later context tokens see a different history: not exact
     assert approx.stats.tokens_forwarded < exact.stats.tokens_forwarded
+
+
+def test_progress_is_reported_within_a_group(tiny_model, smol_tokenizer):
+    text = "\n\n".join(f"Paragraph {i} says something about x and y." for i in range(30))
+    items = [ScoreItem(f"r{k}", f"Q{k % 2}", text, segment(text, "paragraph")) for k in range(4)]
+    seen = []
+    ScoringEngine(tiny_model, smol_tokenizer, row_tokens=128, batch_tokens=256).score_all(
+        items, progress=lambda done, total, stats: seen.append((done, total, stats.seconds)))
+    total = sum(len(it.spans) + 1 for it in items)
+    assert len(seen) > 3 and seen[-1][:2] == (total, total)
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:])) and seen[0][0] < total
+    assert all(s > 0 for _, _, s in seen)
