@@ -35,6 +35,7 @@ def build_resources(settings=SETTINGS) -> dict:
         "settings": PipelineSettingsResource(
             window=settings.window, template=settings.template, max_prompts=settings.max_prompts,
             require_correct=settings.require_correct, bootstrap=settings.bootstrap, exports=settings.exports,
+            staging_dir=settings.staging_dir,
         ),
     }
 
@@ -46,3 +47,9 @@ defs = dg.Definitions(
     sensors=[inbox_sensor, automation_sensor],
     schedules=[rescore_schedule],
 )
+
+
+def score_teachers_job_def() -> dg.JobDefinition:
+    """The per-teacher job, importable by name: `dg.reconstructable(score_teachers_job_def)` lets
+    `execute_job` run it through the multiprocess executor (each step in its own process)."""
+    return defs.resolve_job_def("score_teachers_job")

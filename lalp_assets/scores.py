@@ -13,7 +13,8 @@ from lalp_assets.common import BACKFILL, SETTINGS, check_result, score_config, t
 from lalp_resources import expectations as gx_suites
 from lalp_resources.engine import ScoreItem
 from lalp_resources.resources import PipelineSettingsResource, StudentModelResource, WarehouseCache, WarehouseResource
-from lalp_resources.warehouse import insert, query, replace_teachers
+from lalp_resources.staging import DuckDBSink, ParquetSink, StagedCache, load_staged
+from lalp_resources.warehouse import query, replace_teachers
 
 # On Kubernetes (dagster_home/deploy/), each scoring step's pod requests one GPU.
 GPU_OP_TAGS = (
@@ -41,6 +42,28 @@ def progress_logger(log, every_s: float = 10.0):
         )
 
     return report
+
+
+def chunk_frames(chunk, meta_cols: pl.DataFrame, traces: pl.DataFrame, cfg: dict, run_id: str, namespace: str) -> dict:
+    """One committed engine chunk as the rows of `score_cache`, `step_scores` and `galp_scores`."""
+    step_df = pl.DataFrame(
+        [{"response_id": s.response_id, "step_index": s.step_index, "n_tokens": s.n_tokens,
+          "sum_logprob": s.sum_logprob, "mean_logprob": s.mean_logprob, "cache_hit": s.cached} for s in chunk.steps],
+        schema={"response_id": pl.Utf8, "step_index": pl.Int32, "n_tokens": pl.Int32, "sum_logprob": pl.Float64,
+                "mean_logprob": pl.Float64, "cache_hit": pl.Boolean},
+    ).join(meta_cols, on=["response_id", "step_index"]).with_columns(
+        *[pl.lit(v).alias(k) for k, v in cfg.items() if k not in ("segmenter", "segmenter_version")],
+        pl.lit(run_id).alias("score_run_id"),
+    )
+    galp_df = pl.DataFrame(
+        [{"response_id": r.response_id, "galp": r.galp, "galp_tokens": r.galp_tokens} for r in chunk.responses],
+        schema={"response_id": pl.Utf8, "galp": pl.Float64, "galp_tokens": pl.Int32},
+    ).join(traces.select("response_id", "teacher"), on="response_id").with_columns(pl.lit(run_id).alias("score_run_id"))
+    cache_df = pl.DataFrame(
+        chunk.new_cache_rows, schema={"key": pl.Utf8, "sum_logprob": pl.Float64, "n_tokens": pl.Int32}, orient="row"
+    ).with_columns(pl.lit(namespace).alias("namespace"), pl.lit(run_id).alias("created_run_id"))
+    # cache first: a chunk's scores never land without the cache rows that produced them
+    return {"score_cache": cache_df, "step_scores": step_df, "galp_scores": galp_df}
 
 
 def items_for(steps: pl.DataFrame, traces: pl.DataFrame) -> list[ScoreItem]:
@@ -80,7 +103,7 @@ def step_scores(
 ):
     teachers = list(context.partition_keys)
     wh = warehouse.get()
-    with wh.connect() as con:
+    with wh.connect(read_only=True) as con:
         steps = query(
             con, "SELECT * FROM reasoning_steps WHERE teacher IN (SELECT unnest(?)) ORDER BY response_id, step_index", [teachers]
         )
@@ -91,55 +114,43 @@ def step_scores(
             "ORDER BY prompt_id, teacher",
             [teachers],
         )
-        # Start from a clean slate for these teachers; chunks below are committed as they finish.
-        con.execute("DELETE FROM step_scores WHERE teacher IN (SELECT unnest(?))", [teachers])
-        con.execute("DELETE FROM galp_scores WHERE teacher IN (SELECT unnest(?))", [teachers])
+    run_id = context.run.run_id
+    if settings.staging_dir:  # cluster mode: Parquet for the serialized load in response_scores
+        sink, cache = ParquetSink(settings.staging_dir, run_id, teachers), StagedCache(wh, settings.staging_dir)
+    else:
+        sink, cache = DuckDBSink(wh, teachers), WarehouseCache(wh)
+    sink.begin()
     items = items_for(steps, traces)
     st = student.load()
-    engine = student.engine(settings.template, settings.window, cache=WarehouseCache(wh))
+    engine = student.engine(settings.template, settings.window, cache=cache)
     meta_cols = steps.select("response_id", "step_index", "prompt_id", "teacher", "segmenter", "segmenter_version",
                              "source_uri", "source_sha256", "ingest_run_id")
     cfg = score_config(
         st.fingerprint, steps["segmenter"][0] if steps.height else "", steps["segmenter_version"][0] if steps.height else "",
         st.dtype, settings.window, settings.template,
     )
-    run_id = context.run.run_id
-    context.log.info(f"scoring {len(items)} responses ({steps.height} steps) of {teachers} with {st.fingerprint} on {st.device}/{st.dtype}")
+    context.log.info(
+        f"scoring {len(items)} responses ({steps.height} steps) of {teachers} with {st.fingerprint} on "
+        f"{st.device}/{st.dtype}; writing to {sink.describe()}"
+    )
     t0 = time.perf_counter()
     for chunk in engine.score(items, progress=progress_logger(context.log)):
-        step_df = pl.DataFrame(
-            [{"response_id": s.response_id, "step_index": s.step_index, "n_tokens": s.n_tokens,
-              "sum_logprob": s.sum_logprob, "mean_logprob": s.mean_logprob, "cache_hit": s.cached} for s in chunk.steps],
-            schema={"response_id": pl.Utf8, "step_index": pl.Int32, "n_tokens": pl.Int32, "sum_logprob": pl.Float64,
-                    "mean_logprob": pl.Float64, "cache_hit": pl.Boolean},
-        ).join(meta_cols, on=["response_id", "step_index"]).with_columns(
-            *[pl.lit(v).alias(k) for k, v in cfg.items() if k not in ("segmenter", "segmenter_version")],
-            pl.lit(run_id).alias("score_run_id"),
-        )
-        galp_df = pl.DataFrame(
-            [{"response_id": r.response_id, "galp": r.galp, "galp_tokens": r.galp_tokens} for r in chunk.responses],
-            schema={"response_id": pl.Utf8, "galp": pl.Float64, "galp_tokens": pl.Int32},
-        ).join(traces.select("response_id", "teacher"), on="response_id").with_columns(pl.lit(run_id).alias("score_run_id"))
-        cache_df = pl.DataFrame(
-            chunk.new_cache_rows, schema={"key": pl.Utf8, "sum_logprob": pl.Float64, "n_tokens": pl.Int32}, orient="row"
-        ).with_columns(pl.lit(engine.namespace).alias("namespace"), pl.lit(run_id).alias("created_run_id"))
-        with wh.connect() as con:  # one transaction per chunk: cache and scores land together
-            con.execute("BEGIN TRANSACTION")
-            insert(con, "score_cache", cache_df, mode="replace")
-            insert(con, "step_scores", step_df, mode="replace")
-            insert(con, "galp_scores", galp_df, mode="replace")
-            con.execute("COMMIT")
+        sink.write(chunk_frames(chunk, meta_cols, traces, cfg, run_id, engine.namespace))
+    sink.finish()
     secs = time.perf_counter() - t0
     stats = engine.stats
     context.log.info(
         f"windows: {stats.windows_total} total, {stats.windows_scored} sent to the model, "
         f"{stats.windows_cached} from the cache; {stats.tokens_forwarded} tokens in {secs:.1f}s"
     )
-    with wh.connect() as con:
-        written = query(con, "SELECT * FROM step_scores WHERE teacher IN (SELECT unnest(?))", [teachers])
+    written = sink.written("step_scores")
+    if written.width == 0:  # nothing staged: an empty frame with the table's columns
+        with wh.connect(read_only=True) as con:
+            written = query(con, "SELECT * FROM step_scores LIMIT 0")
     yield dg.MaterializeResult(
         metadata=table_metadata(
             written.drop("source_uri", "source_sha256"), "step_scores",
+            written_to=sink.describe(),
             windows_total=stats.windows_total, windows_scored=stats.windows_scored, windows_cached=stats.windows_cached,
             tokens_forwarded=stats.tokens_forwarded, seconds=round(secs, 2),
             tokens_per_s=round(stats.tokens_forwarded / secs, 1) if secs else 0.0,
@@ -155,17 +166,27 @@ def step_scores(
     group_name="scoring",
     kinds={"duckdb", "polars"},
     deps=["step_scores"],
+    pool="warehouse",
     code_version="response_scores@1",
     check_specs=[
         dg.AssetCheckSpec("every_response_scored", asset="response_scores", blocking=True,
                           description="GX: every response with steps has LALP and GALP"),
     ],
     description="Per response: LALP (mean of its step scores, steps weighted equally) beside GALP "
-    "(mean token log-prob of the whole response given the prompt), with the answer's correctness.",
+    "(mean token log-prob of the whole response given the prompt), with the answer's correctness. "
+    "With LALP_STAGING_DIR set, first loads the scoring workers' staged Parquet into DuckDB; the "
+    "`warehouse` pool (limit 1) makes that the one serialized writer.",
 )
-def response_scores(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
+def response_scores(context: dg.AssetExecutionContext, warehouse: WarehouseResource, settings: PipelineSettingsResource):
     teachers = list(context.partition_keys)
     wh = warehouse.get()
+    load = {}
+    if settings.staging_dir:
+        rep = load_staged(wh, settings.staging_dir, teachers)
+        context.log.info(f"staging {settings.staging_dir}: {rep.describe()}")
+        if rep.waiting:
+            context.log.warning(f"incomplete staged runs left in place (running, or died; their cache is reused): {rep.waiting}")
+        load = {"staged_runs_loaded": dg.MetadataValue.json(rep.loaded), "staged_rows_loaded": dg.MetadataValue.json(rep.rows)}
     with wh.connect() as con:
         steps = query(con, "SELECT * FROM step_scores WHERE teacher IN (SELECT unnest(?))", [teachers])
         galp = query(con, "SELECT response_id, galp, galp_tokens FROM galp_scores WHERE teacher IN (SELECT unnest(?))", [teachers])
@@ -195,6 +216,7 @@ def response_scores(context: dg.AssetExecutionContext, warehouse: WarehouseResou
         metadata=table_metadata(
             df.drop("source_uri", "source_sha256"), "response_scores",
             per_teacher=dg.MetadataValue.md(markdown_table(summary)),
+            **load,
         )
     )
     yield check_result("every_response_scored", gx_suites.response_scores_suite(with_steps, df))

@@ -45,6 +45,7 @@ class Settings:
     require_correct: bool = field(default_factory=lambda: _env("LALP_REQUIRE_CORRECT", "1") not in ("0", "false", "no"))
     bootstrap: int = field(default_factory=lambda: int(_env("LALP_BOOTSTRAP", "1000")))
     exports: str = field(default_factory=lambda: _env("LALP_EXPORTS", str(dagster_home() / "exports")))
+    staging_dir: str = field(default_factory=lambda: _env("LALP_STAGING_DIR", ""))
     rescore_cron: str = field(default_factory=lambda: _env("LALP_RESCORE_CRON", "0 3 * * *"))
 
     def as_dict(self) -> dict:

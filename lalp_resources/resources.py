@@ -33,7 +33,7 @@ class WarehouseCache:
     def lookup(self, keys: list[str]) -> dict[str, tuple[float, int]]:
         if not keys:
             return {}
-        with self.warehouse.connect() as con:
+        with self.warehouse.connect(read_only=True) as con:
             rows = con.execute(
                 "SELECT key, sum_logprob, n_tokens FROM score_cache WHERE key IN (SELECT unnest(?))", [keys]
             ).fetchall()
@@ -93,6 +93,7 @@ class PipelineSettingsResource(dg.ConfigurableResource):
     require_correct: bool = True
     bootstrap: int = 1000
     exports: str = "dagster_home/exports"
+    staging_dir: str = ""    # set (a shared folder): scoring workers write Parquet there, not DuckDB
 
 
 class TraceSourcesResource(dg.ConfigurableResource):

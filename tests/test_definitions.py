@@ -123,6 +123,11 @@ def test_step_scores_runs_in_the_gpu_pool(defs, asset_graph):
     assert defs.resolve_assets_def("step_scores").op.pool == "gpu"
 
 
+def test_the_duckdb_loader_runs_in_the_warehouse_pool(asset_graph):
+    # response_scores loads staged Parquet into DuckDB in cluster mode: one at a time
+    assert asset_graph.get(dg.AssetKey("response_scores")).pools == {"warehouse"}
+
+
 def test_checks_that_guard_a_downstream_stage_are_blocking(defs, asset_graph):
     """Every check on an asset that feeds another stage is blocking, so bad data stops there."""
     guarded = 0
