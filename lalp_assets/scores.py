@@ -182,7 +182,11 @@ def response_scores(context: dg.AssetExecutionContext, warehouse: WarehouseResou
     wh = warehouse.get()
     load = {}
     if settings.staging_dir:
-        rep = load_staged(wh, settings.staging_dir, teachers)
+        def run_over(run_id: str) -> bool:  # a staged folder's worker is done (or unknown here)
+            run = context.instance.get_run_by_id(run_id)
+            return run is None or run.is_finished
+
+        rep = load_staged(wh, settings.staging_dir, teachers, run_finished=run_over)
         context.log.info(f"staging {settings.staging_dir}: {rep.describe()}")
         if rep.waiting:
             context.log.warning(f"incomplete staged runs left in place (running, or died; their cache is reused): {rep.waiting}")

@@ -14,13 +14,14 @@ Staging layout, one folder per scoring run, Hive-style per teacher partition:
     <staging>/<run_id>/galp_scores/teacher=<t>/chunk-00001.parquet
     <staging>/<run_id>/score_cache/chunk-00001.parquet
     <staging>/<run_id>/_COMPLETE.json                      written last: teachers, row counts
-    <staging>/<run_id>/_LOADED.json                        teachers loaded so far (by the loader)
 
 Files are written under a temporary name and renamed, so a killed worker never leaves a torn
 file. A run folder without `_COMPLETE.json` is never loaded as scores (its worker may still be
 running, or died), but its cache rows are visible to later workers (`StagedCache`), so a killed
-run resumes without re-scoring. A folder is removed once a newer complete run covering all of its
-teachers has been loaded; its cache rows are loaded first.
+run resumes without re-scoring. A folder is removed once every teacher it covers has been loaded from
+it or from a newer run, and its worker is done (complete, or its Dagster run is over); its cache
+rows are loaded first. The `staged_loads` table records per teacher which run was loaded last, so
+an older run's scores never replace a newer one's.
 """
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ import urllib.parse
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
-import duckdb
 import polars as pl
 
 from lalp_resources.warehouse import Warehouse, insert, query
 
-STARTED, COMPLETE, LOADED = "_STARTED.json", "_COMPLETE.json", "_LOADED.json"
+STARTED, COMPLETE = "_STARTED.json", "_COMPLETE.json"
 PER_TEACHER_TABLES = ("step_scores", "galp_scores")
 CACHE_TABLE = "score_cache"
 
@@ -110,12 +111,23 @@ class ParquetSink:
         self.rows: dict[str, int] = {t: 0 for t in (*PER_TEACHER_TABLES, CACHE_TABLE)}
 
     def begin(self) -> None:
-        if self.dir.exists():  # a re-executed run id: its earlier partial output is superseded
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True)
+        if self.dir.exists():
+            # The same run id again (a step retry): its scores are redone, its cache rows are kept
+            # (they are what lets the retry skip finished windows) and chunk numbers continue.
+            (self.dir / COMPLETE).unlink(missing_ok=True)
+            for table in PER_TEACHER_TABLES:
+                shutil.rmtree(self.dir / table, ignore_errors=True)
+            done = [int(f.stem.split("-")[1]) for f in (self.dir / CACHE_TABLE).glob("chunk-*.parquet")]
+            self.n_chunks = max(done, default=0)
+        self.dir.mkdir(parents=True, exist_ok=True)
         _write_json_atomic({"run_id": self.run_id, "teachers": self.teachers, "started_at": _now()}, self.dir / STARTED)
 
     def write(self, frames: dict[str, pl.DataFrame]) -> None:
+        if not (self.dir / STARTED).is_file():
+            raise RuntimeError(
+                f"staging folder {self.dir} was removed while run {self.run_id} was writing to it; "
+                "re-run this partition (the loader only removes folders of finished runs)"
+            )
         self.n_chunks += 1
         name = f"chunk-{self.n_chunks:05d}.parquet"
         for table, df in frames.items():
@@ -149,7 +161,6 @@ class StagedRun:
     teachers: list[str]
     started_at: str
     finished_at: str | None  # None: still running, or died
-    loaded: list[str] = field(default_factory=list)  # teachers already loaded into DuckDB from it
 
     @property
     def complete(self) -> bool:
@@ -167,9 +178,8 @@ def staged_runs(root: str | Path) -> list[StagedRun]:
             continue
         started = json.loads((d / STARTED).read_text())
         done = json.loads((d / COMPLETE).read_text()) if (d / COMPLETE).is_file() else None
-        loaded = json.loads((d / LOADED).read_text())["teachers"] if (d / LOADED).is_file() else []
         out.append(StagedRun(d, started["run_id"], started["teachers"], started["started_at"],
-                             done["finished_at"] if done else None, loaded))
+                             done["finished_at"] if done else None))
     return sorted(out, key=lambda r: r.started_at)
 
 
@@ -193,39 +203,50 @@ class LoadReport:
                 f"{len(self.waiting)} incomplete left in place")
 
 
-def load_staged(warehouse: Warehouse, root: str | Path, teachers: list[str]) -> LoadReport:
+def load_staged(warehouse: Warehouse, root: str | Path, teachers: list[str],
+                run_finished: Callable[[str], bool] = lambda run_id: False) -> LoadReport:
     """Load the newest complete staged scores of `teachers` into DuckDB, in one transaction.
 
     For each teacher, the newest complete run that covers it replaces its rows in `step_scores`
-    and `galp_scores` (unless they were loaded from that run already); the cache rows of that run
-    and of every folder being removed are upserted. A folder is removed once each teacher it covers
-    has been loaded from it or from a newer run. Callers serialize loads (the `warehouse` pool);
-    the DuckDB lock-retry is the second guard."""
+    and `galp_scores`, unless a run at least as new was loaded before (the `staged_loads` table
+    records, per teacher, the run last loaded; it is written in the same transaction). The cache
+    rows of that run and of every folder being removed are upserted. A folder is removed once
+    every teacher it covers has been loaded from it or from a newer run, and only if it is
+    complete or `run_finished(run_id)` says its run is over (a live worker's folder is never
+    touched). Callers serialize loads (the `warehouse` pool); the DuckDB lock-retry is the
+    second guard."""
     t0 = time.perf_counter()
     rep = LoadReport()
     runs = staged_runs(root)
+    if not runs:
+        return rep
     newest: dict[str, StagedRun] = {}
     for r in runs:  # oldest first, so the newest complete one wins
         if r.complete:
             for t in r.teachers:
                 newest[t] = r
-    chosen = {t: r for t, r in newest.items() if t in teachers and t not in r.loaded}
-
-    def settled(t: str, since: str) -> bool:
-        n = newest.get(t)
-        return n is not None and n.started_at >= since and (t in n.loaded or t in chosen)
-
-    removable = [r for r in runs if r.teachers and all(settled(t, r.started_at) for t in r.teachers)]
-    rep.waiting = [r.run_id for r in runs if not r.complete and r not in removable]
-    if not chosen and not removable:
-        return rep
-    frames = {}
-    for table in PER_TEACHER_TABLES:
-        files = [f for t, r in chosen.items() for f in sorted((r.dir / table / _teacher_dir(t)).glob("*.parquet"))]
-        frames[table] = _read(files)
-    with_cache = {r.dir: r for r in [*removable, *chosen.values()]}.values()
-    frames[CACHE_TABLE] = _read([f for r in with_cache for f in sorted((r.dir / CACHE_TABLE).glob("*.parquet"))])
     with warehouse.connect() as con:
+        last = {t: s for t, s in con.execute("SELECT teacher, started_at FROM staged_loads").fetchall()}
+        chosen = {t: r for t, r in newest.items() if t in teachers and r.started_at > last.get(t, "")}
+        after = {**last, **{t: r.started_at for t, r in chosen.items()}}
+        removable = [
+            r for r in runs
+            if (r.complete or run_finished(r.run_id)) and all(after.get(t, "") >= r.started_at for t in r.teachers)
+        ]
+        rep.waiting = [r.run_id for r in runs if not r.complete and r not in removable]
+        if not chosen and not removable:
+            return rep
+        frames = {}
+        for table in PER_TEACHER_TABLES:
+            files = [f for t, r in chosen.items() for f in sorted((r.dir / table / _teacher_dir(t)).glob("*.parquet"))]
+            frames[table] = _read(files)
+        with_cache = {r.dir: r for r in [*removable, *chosen.values()]}.values()
+        frames[CACHE_TABLE] = _read([f for r in with_cache for f in sorted((r.dir / CACHE_TABLE).glob("*.parquet"))])
+        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        record = pl.DataFrame(
+            [{"teacher": t, "run_id": r.run_id, "started_at": r.started_at, "loaded_at": now} for t, r in chosen.items()],
+            schema={"teacher": pl.Utf8, "run_id": pl.Utf8, "started_at": pl.Utf8, "loaded_at": pl.Datetime("us")},
+        )
         con.execute("BEGIN TRANSACTION")
         try:
             insert(con, CACHE_TABLE, frames[CACHE_TABLE], mode="replace")
@@ -233,6 +254,7 @@ def load_staged(warehouse: Warehouse, root: str | Path, teachers: list[str]) -> 
                 for table in PER_TEACHER_TABLES:
                     con.execute(f"DELETE FROM {table} WHERE teacher IN (SELECT unnest(?))", [sorted(chosen)])
                     insert(con, table, frames[table], mode="replace")
+                insert(con, "staged_loads", record, mode="replace")
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
@@ -240,10 +262,6 @@ def load_staged(warehouse: Warehouse, root: str | Path, teachers: list[str]) -> 
     # only after the commit: a failed load leaves the staging as it was
     rep.loaded = {t: r.run_id for t, r in sorted(chosen.items())}
     rep.rows = {t: df.height for t, df in frames.items()}
-    for r in {r.dir: r for r in chosen.values()}.values():
-        if r not in removable:
-            done = sorted(set(r.loaded) | {t for t, c in chosen.items() if c is r})
-            _write_json_atomic({"teachers": done}, r.dir / LOADED)
     for r in removable:
         shutil.rmtree(r.dir, ignore_errors=True)
         rep.removed.append(r.run_id)
@@ -253,26 +271,32 @@ def load_staged(warehouse: Warehouse, root: str | Path, teachers: list[str]) -> 
 
 class StagedCache:
     """The engine's score cache in cluster mode: the warehouse's `score_cache` (read-only) plus
-    the cache rows other workers have staged but not yet loaded (e.g. a killed run's)."""
+    the cache rows other workers have staged but not yet loaded (e.g. a killed run's). Staged
+    files never change once renamed into place, so each is read once; one that the loader removes
+    meanwhile is skipped (its rows are in DuckDB by then)."""
 
     def __init__(self, warehouse: Warehouse, root: str | Path):
         self.warehouse, self.root = warehouse, Path(root)
+        self._files: dict[Path, dict[str, tuple[float, int]]] = {}
+
+    def _staged(self) -> dict[str, tuple[float, int]]:
+        for f in self.root.glob(f"*/{CACHE_TABLE}/*.parquet"):
+            if f not in self._files:
+                try:
+                    df = pl.read_parquet(f, columns=["key", "sum_logprob", "n_tokens"])
+                except FileNotFoundError:
+                    continue
+                self._files[f] = {k: (s, n) for k, s, n in df.iter_rows()}
+        merged: dict[str, tuple[float, int]] = {}
+        for rows in self._files.values():
+            merged.update(rows)
+        return merged
 
     def lookup(self, keys: list[str]) -> dict[str, tuple[float, int]]:
         if not keys:
             return {}
-        found: dict[str, tuple[float, int]] = {}
-        files = [str(f) for f in self.root.glob(f"*/{CACHE_TABLE}/*.parquet")]
-        if files:
-            con = duckdb.connect()
-            try:
-                rows = con.execute(
-                    "SELECT key, sum_logprob, n_tokens FROM read_parquet(?, union_by_name=true) "
-                    "WHERE key IN (SELECT unnest(?))", [files, keys]
-                ).fetchall()
-            finally:
-                con.close()
-            found.update({k: (s, n) for k, s, n in rows})
+        staged = self._staged()
+        found = {k: staged[k] for k in keys if k in staged}
         if self.warehouse.path.exists():
             with self.warehouse.connect(read_only=True) as con:
                 rows = con.execute(

@@ -54,6 +54,8 @@ SCHEMA: dict[str, str] = {
     "galp_scores": """
         response_id VARCHAR PRIMARY KEY, teacher VARCHAR, galp DOUBLE, galp_tokens INTEGER,
         score_run_id VARCHAR""",
+    "staged_loads": """
+        teacher VARCHAR PRIMARY KEY, run_id VARCHAR, started_at VARCHAR, loaded_at TIMESTAMP""",
     "response_scores": f"""
         response_id VARCHAR PRIMARY KEY, prompt_id VARCHAR, teacher VARCHAR, n_steps INTEGER,
         lalp DOUBLE, galp DOUBLE, galp_tokens INTEGER, is_correct BOOLEAN,

@@ -1,6 +1,8 @@
 """Cluster-mode staging: workers' per-partition Parquet, and the one serialized load into DuckDB."""
 
 import json
+import shutil
+import time
 
 import polars as pl
 import pytest
@@ -85,9 +87,10 @@ def test_incomplete_run_is_not_loaded_but_its_cache_serves_the_next_worker(tmp_p
     assert table(wh, "step_scores").height == 0
     # the resumed worker finds the killed run's windows in the staged cache
     assert StagedCache(wh, root).lookup(["k-dead", "missing"]) == {"k-dead": (1.0, 2)}
-    # once a newer complete run for the same teacher loads, the dead folder's cache is kept and it goes
+    # once a newer complete run for the same teacher loads and the dead run is known to be over,
+    # the dead folder's cache rows are loaded and it goes
     stage(root, "resumed", ["a"], {"a": frames("a", "resumed", 4, -1.0, ("k-new",))})
-    rep = load_staged(wh, root, ["a"])
+    rep = load_staged(wh, root, ["a"], run_finished=lambda run_id: run_id == "dead")
     assert rep.loaded == {"a": "resumed"} and sorted(rep.removed) == ["dead", "resumed"]
     assert sorted(table(wh, "score_cache")["key"]) == ["k-dead", "k-new"]
     assert staged_runs(root) == []
@@ -121,3 +124,72 @@ def test_duckdb_sink_commits_each_chunk(tmp_path, wh):
     assert sink.written("step_scores").height == 2 and table(wh, "score_cache").height == 1
     sink.begin()  # a re-run starts from a clean slate for its teachers
     assert sink.written("step_scores").height == 0
+
+
+def test_a_live_workers_folder_is_never_removed(tmp_path, wh):
+    root = tmp_path / "staging"
+    live = stage(root, "older-live", ["a"], {"a": frames("a", "older-live", 2, -1.0, ("k1",))}, complete=False)
+    time.sleep(0.01)
+    stage(root, "newer", ["a"], {"a": frames("a", "newer", 2, -2.0)})
+    rep = load_staged(wh, root, ["a"])  # run_finished defaults to "still running"
+    assert rep.loaded == {"a": "newer"} and rep.removed == ["newer"] and rep.waiting == ["older-live"]
+    live.write(frames("a", "older-live", 2, -1.0, ("k2",)))  # the live worker keeps writing
+    live.finish()
+    # its scores are older than what was loaded: they never replace the newer ones
+    rep = load_staged(wh, root, ["a"])
+    assert rep.loaded == {} and rep.removed == ["older-live"]
+    assert set(table(wh, "step_scores")["score_run_id"]) == {"newer"}
+    assert {"k1", "k2"} <= set(table(wh, "score_cache")["key"])
+
+
+def test_older_scores_never_replace_newer_ones(tmp_path, wh):
+    root = tmp_path / "staging"
+    stage(root, "B", ["a", "b"], {"a": frames("a", "B", 2, -1.0), "b": frames("b", "B", 2, -1.0)})
+    time.sleep(0.01)
+    stage(root, "C", ["a"], {"a": frames("a", "C", 2, -3.0)})
+    assert load_staged(wh, root, ["a"]).loaded == {"a": "C"}
+    assert load_staged(wh, root, ["b"]).loaded == {"b": "B"}
+    assert load_staged(wh, root, ["a", "b"]).loaded == {}
+    steps = table(wh, "step_scores")
+    assert set(steps.filter(pl.col("teacher") == "a")["score_run_id"]) == {"C"}
+    assert staged_runs(root) == []
+    with wh.connect(read_only=True) as con:
+        assert dict(con.execute("SELECT teacher, run_id FROM staged_loads").fetchall()) == {"a": "C", "b": "B"}
+
+
+def test_a_retry_with_the_same_run_id_keeps_its_cache_and_redoes_its_scores(tmp_path, wh):
+    root = tmp_path / "staging"
+    first = stage(root, "r", ["a"], {"a": frames("a", "r", 4, -1.0, ("k1",))}, complete=False)
+    retry = ParquetSink(root, "r", ["a"])
+    retry.begin()
+    assert StagedCache(wh, root).lookup(["k1"]) == {"k1": (1.0, 2)}
+    assert retry.written("step_scores").width == 0  # the killed attempt's scores are gone
+    retry.write(frames("a", "r", 2, -2.0, ("k2",)))
+    retry.finish()
+    assert sorted(f.name for f in (first.dir / "score_cache").iterdir()) == ["chunk-00001.parquet", "chunk-00002.parquet"]
+    load_staged(wh, root, ["a"])
+    assert set(table(wh, "step_scores")["mean_logprob"]) == {-2.0} and sorted(table(wh, "score_cache")["key"]) == ["k1", "k2"]
+
+
+def test_writing_into_a_removed_folder_fails_clearly(tmp_path):
+    sink = stage(tmp_path / "staging", "r", ["a"], {"a": frames("a", "r", 2, -1.0)}, complete=False)
+    shutil.rmtree(sink.dir)
+    with pytest.raises(RuntimeError, match="was removed while run r was writing"):
+        sink.write(frames("a", "r", 2, -1.0))
+
+
+def test_staged_cache_skips_a_file_the_loader_removed(tmp_path, wh, monkeypatch):
+    root = tmp_path / "staging"
+    stage(root, "r1", ["a"], {"a": frames("a", "r1", 2, -1.0, ("k1",))}, complete=False)
+    cache = StagedCache(wh, root)
+    assert cache.lookup(["k1"]) == {"k1": (1.0, 2)}
+    stage(root, "r2", ["b"], {"b": frames("b", "r2", 2, -1.0, ("k2",))}, complete=False)
+    real = pl.read_parquet
+
+    def vanishing(path, *a, **kw):  # the loader removes r2 between the glob and the read
+        if "r2" in str(path):
+            raise FileNotFoundError(path)
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(pl, "read_parquet", vanishing)
+    assert cache.lookup(["k1", "k2"]) == {"k1": (1.0, 2)}
