@@ -129,6 +129,9 @@ def cmd_score(args) -> int:
         f"({st.tokens_forwarded / max(secs, 1e-9):.0f} tokens/s) with {student.fingerprint} on {student.device}/{student.dtype}",
         file=sys.stderr,
     )
+    if st.windows_over_context:
+        print(f"warning: {st.windows_over_context} window(s) exceed the student's trained context; scored in full "
+              "(no truncation) but less reliable", file=sys.stderr)
     print(resp.group_by("teacher").agg(pl.len().alias("responses"), pl.col("lalp").mean(), pl.col("galp").mean()).sort("lalp", descending=True))
     print(f"wrote {out / 'steps.parquet'} and {out / 'responses.parquet'}")
     return 0

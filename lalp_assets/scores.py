@@ -143,6 +143,12 @@ def step_scores(
         f"windows: {stats.windows_total} total, {stats.windows_scored} sent to the model, "
         f"{stats.windows_cached} from the cache; {stats.tokens_forwarded} tokens in {secs:.1f}s"
     )
+    if stats.windows_over_context:
+        context.log.warning(
+            f"{stats.windows_over_context} window(s) are longer than the student's trained context "
+            f"({getattr(st.model.config, 'max_position_embeddings', '?')} tokens): scored in full, not truncated, "
+            "but such scores are less reliable; consider a smaller window (LALP_WINDOW) or a longer-context student"
+        )
     written = sink.written("step_scores")
     if written.width == 0:  # nothing staged: an empty frame with the table's columns
         with wh.connect(read_only=True) as con:
@@ -152,6 +158,7 @@ def step_scores(
             written.drop("source_uri", "source_sha256"), "step_scores",
             written_to=sink.describe(),
             windows_total=stats.windows_total, windows_scored=stats.windows_scored, windows_cached=stats.windows_cached,
+            windows_over_context=stats.windows_over_context,
             tokens_forwarded=stats.tokens_forwarded, seconds=round(secs, 2),
             tokens_per_s=round(stats.tokens_forwarded / secs, 1) if secs else 0.0,
             student=st.fingerprint, device=st.device, dtype=st.dtype, window=settings.window, template=settings.template,

@@ -94,6 +94,7 @@ class EngineStats:
     scored_tokens: int = 0
     forward_calls: int = 0
     oom_retries: int = 0
+    windows_over_context: int = 0  # scored, but longer than the student was trained on
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -281,8 +282,12 @@ class ScoringEngine:
 
         # 2. Tasks with cache keys; look them up.
         tasks: list[_Task] = []
+        max_ctx = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         for n, (it, (wins, galp_tid)) in enumerate(zip(items, plans)):
             pre = prefixes[prompt_index[it.prompt]]
+            if max_ctx:  # never truncated, but past the trained context scores lose meaning: count them
+                over = [tid for _, _, tid, _, _ in wins] + ([galp_tid] if galp_tid is not None else [])
+                self.stats.windows_over_context += sum(len(pre) + len(toks[t][0]) > max_ctx for t in over)
             for i, a, tid, lo, hi in wins:
                 ids, starts = toks[tid]
                 j0, j1 = scored_range(starts, lo - a, hi - a)

@@ -11,7 +11,7 @@ from lalp_assets.segmentation import segment
 from lalp_assets.windows import WindowSpec
 from lalp_resources.engine import DictCache, ScoreItem, ScoringEngine
 from lalp_resources.reference import reference_score
-from lalp_resources.tokenization import merge_unscored_steps, tokenize_with_starts
+from lalp_resources.tokenization import merge_unscored_steps, prefix_ids, tokenize_with_starts
 
 from conftest import tiny_llama
 
@@ -164,6 +164,25 @@ def test_long_trace_is_scored_without_truncation_in_chunks(smol_tokenizer):
     eng = assert_matches_reference(model, smol_tokenizer, [ScoreItem("long", "Q?", text, spans)], "fixed:4", "plain",
                                    attn_budget=1 << 16)
     assert eng.stats.forward_calls > 4  # chunked, not one giant attention matrix
+    assert eng.stats.windows_over_context == 0
+
+
+def test_windows_past_the_trained_context_are_scored_and_counted(smol_tokenizer):
+    """Past max_position_embeddings a window is still scored in full (== reference), and counted."""
+    model = tiny_llama(len(smol_tokenizer), seed=2, max_position_embeddings=64)
+    rng = random.Random(3)
+    short = "Yes.\n\nSo 4."
+    long = "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(3))
+    items = [ScoreItem("short", "Q?", short, segment(short, "paragraph")),
+             ScoreItem("long", "Q?", long, segment(long, "paragraph"))]
+    eng = assert_matches_reference(model, smol_tokenizer, items, "fixed:4", "plain")
+    pre = len(prefix_ids(smol_tokenizer, "Q?", "plain"))
+    n_long = len(tokenize_with_starts(smol_tokenizer, long)[0])
+    assert pre + n_long > 64 and pre + len(tokenize_with_starts(smol_tokenizer, short)[0]) <= 64
+    # fixed:4 windows all start at the first step here; GALP is the whole response
+    ends = [pre + len(tokenize_with_starts(smol_tokenizer, long[:hi])[0]) for _, hi in items[1].spans]
+    expected = sum(n > 64 for n in ends) + 1
+    assert expected >= 2 and eng.stats.windows_over_context == expected
 
 
 def test_window_spec():
