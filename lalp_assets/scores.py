@@ -92,7 +92,8 @@ def items_for(steps: pl.DataFrame, traces: pl.DataFrame) -> list[ScoreItem]:
         "Per step: the student's mean log-probability of the step's tokens given the prompt and the "
         "window's preceding steps (LALP_WINDOW, default fixed:4). Exact packed engine with a score "
         "cache: only windows never scored before reach the model. Results commit in chunks, so a "
-        "killed run resumes from the cache."
+        "killed run resumes from the cache. With LALP_STAGING_DIR set (cluster mode) the chunks go to "
+        "per-partition Parquet there, and response_scores loads them into DuckDB."
     ),
 )
 def step_scores(
