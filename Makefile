@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 
-.PHONY: setup demo test test-fast bench ui clean
+.PHONY: setup demo test test-fast bench gpu-bundle ui clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,11 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m lalp_resources.benchmark $(BENCH_ARGS)
+
+# The inputs a GPU lease can carry (see scripts/gpu_check.sh): sampled ZeroEval rows + the student's
+# config and tokenizer, in the git-ignored .devbundle/.
+gpu-bundle: setup
+	$(BIN)/python -m lalp_resources.benchmark --prompts 24 --write-bundle .devbundle
 
 ui: setup
 	$(BIN)/dagster dev -w workspace.yaml

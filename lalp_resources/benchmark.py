@@ -434,6 +434,76 @@ def load_traces(data_dir: Path | None = None, log: Callable[[str], None] = print
     return ingest("champ", verify=False).traces, "champ (embedded fallback)"
 
 
+# --------------------------------------------------------------------------- bundles
+# A GPU lease takes at most 64 MiB of files and reaches no network: neither ../shared/data nor
+# the student's 98 MB GGUF can travel. A bundle is what can: the sampled trace rows and the
+# student's config and tokenizer (a few MB). With --random-weights the student's architecture is
+# built from that config with seeded random weights: speed, MFU and engine == reference do not
+# depend on the weight values, but the scores themselves are not the student's.
+
+
+def write_bundle(out: Path, student, rows, source: str, teachers, pids) -> Path:
+    out = Path(out)
+    (out / "student").mkdir(parents=True, exist_ok=True)
+    with open(out / "rows.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps({k: r[k] for k in ("response_id", "prompt_id", "teacher", "prompt", "response")}) + "\n")
+    student.model.config.save_pretrained(out / "student")
+    student.tokenizer.save_pretrained(out / "student")
+    (out / "bundle.json").write_text(json.dumps(
+        {"source": source, "teachers": list(teachers), "prompts": list(pids), "responses": len(rows),
+         "student": student.fingerprint}, indent=1))
+    return out
+
+
+def read_bundle(path: Path) -> tuple[list[dict], dict]:
+    path = Path(path)
+    if not (path / "rows.jsonl").is_file():
+        raise FileNotFoundError(f"{path} is not a benchmark bundle (no rows.jsonl); write one with --write-bundle")
+    rows = [json.loads(line) for line in (path / "rows.jsonl").read_text().splitlines() if line.strip()]
+    return rows, json.loads((path / "bundle.json").read_text())
+
+
+def random_student(bundle: Path, device: str = "auto", dtype: str = "auto", seed: int = 0):
+    """The bundled student's architecture and tokenizer with seeded random weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lalp_resources.student import Student, resolve_device, resolve_dtype
+
+    device = resolve_device(device)
+    dtype_name, torch_dtype = resolve_dtype(dtype, device)
+    src = Path(bundle) / "student"
+    cfg = AutoConfig.from_pretrained(src)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype, attn_implementation="sdpa").to(device).eval()
+    return Student(model, AutoTokenizer.from_pretrained(src), f"random-weights:{src}", f"seed{seed}".ljust(16, "0"),
+                   device, dtype_name)
+
+
+def load_bench_student(args):
+    if args.random_weights:
+        if not args.bundle:
+            raise SystemExit("--random-weights needs --bundle (the student's config and tokenizer)")
+        return random_student(args.bundle, args.device, args.dtype)
+    from lalp_resources.student import load_student
+
+    return load_student(args.model, args.device, args.dtype)
+
+
+def load_inputs(args, log: Callable[[str], None] = print):
+    """(rows, texts for synthetic long traces, source, teachers, prompt ids), from a bundle or the data."""
+    if args.bundle:
+        all_rows, meta = read_bundle(args.bundle)
+        pids = list(dict.fromkeys(r["prompt_id"] for r in all_rows))[: max(0, args.prompts)]
+        rows = [r for r in all_rows if r["prompt_id"] in pids]
+        teachers = list(dict.fromkeys(r["teacher"] for r in rows))
+        return rows, [r["response"] for r in all_rows], f"bundle {args.bundle} (from {meta['source']})", teachers, pids
+    traces, source = load_traces(args.data, log=log)
+    rows, teachers, pids = sample_traces(traces, args.prompts, _teachers(args.teachers))
+    return rows, traces.get_column("response").head(400).to_list(), source, teachers, pids
+
+
 # --------------------------------------------------------------------------- memory
 
 
@@ -564,19 +634,15 @@ def memory_one(model, tokenizer, prompt: str, texts: Sequence[str], target_token
 
 def _memory_worker(args) -> None:
     """Subprocess body for one CPU memory size: prints one tagged JSON line."""
-    from lalp_resources.student import load_student
-
-    student = load_student(args.model, args.device, args.dtype)
-    traces, _ = load_traces(args.data, log=lambda m: print(m, file=sys.stderr))
-    rows, _, _ = sample_traces(traces, max(args.prompts, 1), _teachers(args.teachers))
-    texts = traces.get_column("response").head(400).to_list()
+    student = load_bench_student(args)
+    rows, texts, _, _, _ = load_inputs(args, log=lambda m: print(m, file=sys.stderr))
     _warmup(student.model, student.tokenizer, args.window, args.template)
     res = memory_one(student.model, student.tokenizer, rows[0]["prompt"], texts, args.memory_worker,
                      window=args.window, template=args.template, n_steps=args.memory_steps)
     print(_MEMORY_TAG + json.dumps(res), flush=True)
 
 
-def run_memory(args, student, traces, rows, log: Callable[[str], None] = print) -> list[dict]:
+def run_memory(args, student, texts: list[str], rows, log: Callable[[str], None] = print) -> list[dict]:
     dev = student.device
     sizes = [int(s) for s in args.memory_sizes.split(",")] if args.memory_sizes else list(
         GPU_MEMORY_SIZES if dev.startswith("cuda") else CPU_MEMORY_SIZES
@@ -585,7 +651,6 @@ def run_memory(args, student, traces, rows, log: Callable[[str], None] = print) 
     for size in sizes:
         log(f"memory: ~{size} tokens, {args.memory_steps} steps ... (load average {_loadavg()})")
         if dev.startswith("cuda"):
-            texts = traces.get_column("response").head(400).to_list()
             try:
                 r = memory_one(student.model, student.tokenizer, rows[0]["prompt"], texts, size,
                                window=args.window, template=args.template, n_steps=args.memory_steps)
@@ -604,6 +669,8 @@ def _memory_subprocess(args, size: int) -> dict:
            "--template", args.template, "--threads", str(args.threads or 0), "--memory-steps", str(args.memory_steps), "--prompts", str(max(1, args.prompts))]
     if args.data:
         cmd += ["--data", str(args.data)]
+    if args.bundle:
+        cmd += ["--bundle", str(args.bundle)] + (["--random-weights"] if args.random_weights else [])
     if args.teachers:
         cmd += ["--teachers", *args.teachers]
     try:
@@ -669,6 +736,12 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--memory-steps", type=int, default=MEMORY_STEPS, help="paragraphs per synthetic trace")
     p.add_argument("--memory-timeout", type=int, default=1800, help="seconds per CPU memory subprocess")
     p.add_argument("--memory-worker", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--write-bundle", type=Path, default=None,
+                   help="write the sampled rows + the student's config and tokenizer to this folder, then exit")
+    p.add_argument("--bundle", type=Path, default=None, help="read inputs from a bundle (instead of --data)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="with --bundle: the student's architecture with seeded random weights (for a machine "
+                   "the weights cannot reach; speed and exactness hold, scores are not the student's)")
     return p.parse_args(argv)
 
 
@@ -683,20 +756,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         _memory_worker(args)
         return 0
 
-    from lalp_resources.student import load_student
-
     t_start = time.perf_counter()
-    student = load_student(args.model, args.device, args.dtype)
+    student = load_bench_student(args)
     dev = student.device
     print(f"student: {student.model_id} on {dev}/{student.dtype}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name(dev)}" if dev.startswith("cuda") else ""))
-    traces, source = load_traces(args.data)
-    rows, teachers, pids = sample_traces(traces, args.prompts, _teachers(args.teachers))
+    rows, texts, source, teachers, pids = load_inputs(args)
     if not rows:
         print("no traces selected", file=sys.stderr)
         return 2
     print(f"data: {source}; {len(pids)} prompt(s) {pids}; {len(teachers)} teacher(s); {len(rows)} responses; "
           f"window={args.window} template={args.template} segmenter={args.segmenter}")
+    if args.write_bundle:
+        out = write_bundle(args.write_bundle, student, rows, source, teachers, pids)
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        print(f"wrote bundle {out} ({size / 2**20:.1f} MiB)")
+        return 0
 
     final = None
     if not args.memory_only:
@@ -709,7 +784,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(line)
         final = res.final_line
     if args.memory or args.memory_only:
-        results = run_memory(args, student, traces, rows)
+        results = run_memory(args, student, texts, rows)
         print()
         for line in memory_table(results):
             print(line)

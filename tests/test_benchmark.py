@@ -134,3 +134,47 @@ def test_memory_one_cpu(tiny_model, smol_tokenizer):
     assert r["peak_mb"] >= 0 and r["seconds"] > 0
     lines = bm.memory_table([r, {"target": 5, "error": "timeout"}])
     assert len(lines) == 4 and "timeout" in lines[2]
+
+
+def test_bundle_round_trip_and_random_weights(tmp_path, tiny_model, smol_tokenizer):
+    """A bundle (what a GPU lease can carry) holds the rows and the student's config and tokenizer;
+    --random-weights rebuilds the same architecture, and the benchmark runs from it end to end."""
+    from lalp_resources.student import Student
+
+    rows = [{"response_id": f"r{i}", "prompt_id": str(i // 2), "teacher": f"t{i % 2}", "prompt": f"Q{i // 2}?",
+             "response": t, "extra": "dropped"} for i, t in enumerate(TEXTS + TEXTS[:1])]
+    student = Student(tiny_model, smol_tokenizer, "tiny", "0" * 64, "cpu", "float32")
+    out = bm.write_bundle(tmp_path / "b", student, rows, "unit test", ["t0", "t1"], ["0", "1"])
+    back, meta = bm.read_bundle(out)
+    assert [r["response"] for r in back] == [r["response"] for r in rows] and "extra" not in back[0]
+    assert meta["responses"] == 4 and meta["student"] == student.fingerprint
+
+    args = bm.parse_args(["--bundle", str(out), "--random-weights", "--prompts", "1", "--device", "cpu"])
+    sub, texts, source, teachers, pids = bm.load_inputs(args)
+    assert pids == ["0"] and [r["response_id"] for r in sub] == ["r0", "r1"] and len(texts) == 4
+    assert teachers == ["t0", "t1"] and source.startswith("bundle")
+    rand = bm.load_bench_student(args)
+    assert type(rand.model) is type(tiny_model)
+    assert rand.model.config.num_hidden_layers == tiny_model.config.num_hidden_layers
+    assert sum(p.numel() for p in rand.model.parameters()) == sum(p.numel() for p in tiny_model.parameters())
+    assert rand.tokenizer("x + y = 5.5")["input_ids"] == smol_tokenizer("x + y = 5.5")["input_ids"]
+
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert bm.main(["--bundle", str(out), "--random-weights", "--prompts", "1", "--device", "cpu", "--window", "fixed:2"]) == 0
+    lines = buf.getvalue().strip().splitlines()
+    m = bm.FINAL_LINE_RE.match(lines[-1])
+    assert m and float(m.group(2)) < 1e-4, lines[-3:]
+
+
+def test_random_weights_needs_a_bundle():
+    with pytest.raises(SystemExit, match="needs --bundle"):
+        bm.load_bench_student(bm.parse_args(["--random-weights"]))
+
+
+def test_reading_a_folder_that_is_not_a_bundle_fails_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a benchmark bundle"):
+        bm.read_bundle(tmp_path)
