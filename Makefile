@@ -34,7 +34,7 @@ test-fast: setup
 bench: setup
 	$(BIN)/python -m lalp_resources.benchmark $(BENCH_ARGS)
 
-# The inputs a GPU lease can carry (see scripts/gpu_check.sh): sampled ZeroEval rows + the student's
+# The inputs a GPU lease can carry (see lalp_resources/gpu_check.py): sampled ZeroEval rows + the student's
 # config and tokenizer, in the git-ignored .devbundle/.
 gpu-bundle: setup
 	$(BIN)/python -m lalp_resources.benchmark --prompts 24 --write-bundle .devbundle

@@ -1,6 +1,6 @@
 """GPU checks: the engine equals the reference on CUDA in float32, with packed rows, chunked long
 rows and every window kind. They skip on machines without CUDA (CI has none); on a GPU lease run
-them with `scripts/gpu_check.sh`. The tokenizer comes from the benchmark bundle (`.devbundle`,
+them with `python3 -m lalp_resources.gpu_check`. The tokenizer comes from the benchmark bundle (`.devbundle`,
 which a lease can carry) or, where the embedded student is installed, from it."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from lalp_assets.segmentation import segment
 from lalp_resources.engine import ScoreItem
 from test_engine import WORDS, assert_matches_reference, make_items
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh on a GPU lease)")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (python3 -m lalp_resources.gpu_check on a GPU lease)")
 
 BUNDLE = REPO / ".devbundle"
 
