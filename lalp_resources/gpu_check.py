@@ -4,7 +4,8 @@
 
 Before the lease, on the CPU machine (needs ../shared/data and the embedded student), write the
 inputs a lease can carry: `make gpu-bundle` (= `python -m lalp_resources.benchmark --prompts 24
---write-bundle .devbundle`, ~4 MiB: ZeroEval rows plus the student's config and tokenizer). The
+--write-bundle .devbundle`, ~4 MiB: ZeroEval rows plus the student's config and tokenizer), and
+name `.devbundle` in the device run's `carry` (it is git-ignored). The
 lease's image has torch and transformers; nothing else of ours is imported. The student's weights
 (98 MB) cannot travel, so the GPU runs use its architecture with seeded random weights: speed,
 MFU and engine == reference do not depend on the weight values.
