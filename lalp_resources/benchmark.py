@@ -2,6 +2,7 @@
 
     python -m lalp_resources.benchmark [--prompts N] [--teachers T1 T2 ...] [--window fixed:4]
         [--template chat] [--dtype float32] [--device auto] [--segmenter paragraph] [--memory]
+        [--write-bundle DIR | --bundle DIR [--random-weights]]
 
 (`make bench BENCH_ARGS="..."` runs the same.)
 
@@ -25,7 +26,8 @@ the CPU, where 32k takes long in float32: `--memory-only --memory-sizes 1000,800
 --memory-steps 2 --threads 1` measured 305 / 722 / 1,922 MB peak RSS growth, the 32k trace in 28 min.
 
 Inputs: `<repo>/../shared/data/zeroeval-math-l5` (ZeroEval MATH level 5); if it is absent, the
-embedded CHAMP traces (`ingest("champ")`), with a message saying so.
+embedded CHAMP traces (`ingest("champ")`), with a message saying so. Or a bundle (see
+"bundles" below and `lalp_resources/gpu_check.py`): what a GPU lease can carry.
 """
 
 from __future__ import annotations
