@@ -11,7 +11,7 @@ import polars as pl
 from pydantic import PrivateAttr
 
 from lalp_resources import adapters
-from lalp_resources.warehouse import Warehouse
+from lalp_resources.warehouse import Warehouse, cached_scores
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -31,13 +31,7 @@ class WarehouseCache:
         self.warehouse = warehouse
 
     def lookup(self, keys: list[str]) -> dict[str, tuple[float, int]]:
-        if not keys:
-            return {}
-        with self.warehouse.connect(read_only=True) as con:
-            rows = con.execute(
-                "SELECT key, sum_logprob, n_tokens FROM score_cache WHERE key IN (SELECT unnest(?))", [keys]
-            ).fetchall()
-        return {k: (s, n) for k, s, n in rows}
+        return cached_scores(self.warehouse, keys)
 
 
 @functools.lru_cache(maxsize=2)

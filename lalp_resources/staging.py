@@ -38,7 +38,7 @@ from typing import Callable
 
 import polars as pl
 
-from lalp_resources.warehouse import Warehouse, insert, query
+from lalp_resources.warehouse import Warehouse, cached_scores, insert, query, transaction
 
 STARTED, COMPLETE = "_STARTED.json", "_COMPLETE.json"
 PER_TEACHER_TABLES = ("step_scores", "galp_scores")
@@ -80,15 +80,9 @@ class DuckDBSink:
                 con.execute(f"DELETE FROM {table} WHERE teacher IN (SELECT unnest(?))", [self.teachers])
 
     def write(self, frames: dict[str, pl.DataFrame]) -> None:
-        with self.wh.connect() as con:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                for table, df in frames.items():
-                    insert(con, table, df, mode="replace")
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+        with self.wh.connect() as con, transaction(con):
+            for table, df in frames.items():
+                insert(con, table, df, mode="replace")
 
     def finish(self) -> None:
         pass
@@ -147,8 +141,7 @@ class ParquetSink:
         )
 
     def written(self, table: str) -> pl.DataFrame:
-        files = sorted((self.dir / table).glob("teacher=*/*.parquet"))
-        return pl.concat([pl.read_parquet(f) for f in files], how="vertical_relaxed") if files else pl.DataFrame()
+        return _read(sorted((self.dir / table).glob("teacher=*/*.parquet")))
 
     def describe(self) -> str:
         return f"parquet:{self.dir}"
@@ -247,18 +240,13 @@ def load_staged(warehouse: Warehouse, root: str | Path, teachers: list[str],
             [{"teacher": t, "run_id": r.run_id, "started_at": r.started_at, "loaded_at": now} for t, r in chosen.items()],
             schema={"teacher": pl.Utf8, "run_id": pl.Utf8, "started_at": pl.Utf8, "loaded_at": pl.Datetime("us")},
         )
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             insert(con, CACHE_TABLE, frames[CACHE_TABLE], mode="replace")
             if chosen:
                 for table in PER_TEACHER_TABLES:
                     con.execute(f"DELETE FROM {table} WHERE teacher IN (SELECT unnest(?))", [sorted(chosen)])
                     insert(con, table, frames[table], mode="replace")
                 insert(con, "staged_loads", record, mode="replace")
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
     # only after the commit: a failed load leaves the staging as it was
     rep.loaded = {t: r.run_id for t, r in sorted(chosen.items())}
     rep.rows = {t: df.height for t, df in frames.items()}
@@ -277,30 +265,24 @@ class StagedCache:
 
     def __init__(self, warehouse: Warehouse, root: str | Path):
         self.warehouse, self.root = warehouse, Path(root)
-        self._files: dict[Path, dict[str, tuple[float, int]]] = {}
+        self._read_files: set[Path] = set()
+        self._staged: dict[str, tuple[float, int]] = {}
 
-    def _staged(self) -> dict[str, tuple[float, int]]:
+    def _read_new_files(self) -> None:
         for f in self.root.glob(f"*/{CACHE_TABLE}/*.parquet"):
-            if f not in self._files:
-                try:
-                    df = pl.read_parquet(f, columns=["key", "sum_logprob", "n_tokens"])
-                except FileNotFoundError:
-                    continue
-                self._files[f] = {k: (s, n) for k, s, n in df.iter_rows()}
-        merged: dict[str, tuple[float, int]] = {}
-        for rows in self._files.values():
-            merged.update(rows)
-        return merged
+            if f in self._read_files:
+                continue
+            try:
+                df = pl.read_parquet(f, columns=["key", "sum_logprob", "n_tokens"])
+            except FileNotFoundError:
+                continue
+            self._read_files.add(f)
+            self._staged.update({k: (s, n) for k, s, n in df.iter_rows()})
 
     def lookup(self, keys: list[str]) -> dict[str, tuple[float, int]]:
         if not keys:
             return {}
-        staged = self._staged()
-        found = {k: staged[k] for k in keys if k in staged}
-        if self.warehouse.path.exists():
-            with self.warehouse.connect(read_only=True) as con:
-                rows = con.execute(
-                    "SELECT key, sum_logprob, n_tokens FROM score_cache WHERE key IN (SELECT unnest(?))", [keys]
-                ).fetchall()
-            found.update({k: (s, n) for k, s, n in rows})
+        self._read_new_files()
+        found = {k: self._staged[k] for k in keys if k in self._staged}
+        found.update(cached_scores(self.warehouse, keys))
         return found

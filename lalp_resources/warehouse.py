@@ -155,29 +155,40 @@ def insert(con, table: str, df: pl.DataFrame, mode: str = "insert") -> int:
     return df.height
 
 
-def replace_teachers(con, table: str, teachers: Sequence[str], df: pl.DataFrame) -> int:
-    """Replace the rows of some teacher partitions with `df`, in one transaction."""
+@contextlib.contextmanager
+def transaction(con) -> Iterator[None]:
+    """BEGIN ... COMMIT, or ROLLBACK on any error (the error is re-raised)."""
     con.execute("BEGIN TRANSACTION")
     try:
-        con.execute(f"DELETE FROM {table} WHERE teacher IN (SELECT unnest(?))", [list(teachers)])
-        n = insert(con, table, df)
+        yield
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
-    return n
+
+
+def replace_teachers(con, table: str, teachers: Sequence[str], df: pl.DataFrame) -> int:
+    """Replace the rows of some teacher partitions with `df`, in one transaction."""
+    with transaction(con):
+        con.execute(f"DELETE FROM {table} WHERE teacher IN (SELECT unnest(?))", [list(teachers)])
+        return insert(con, table, df)
 
 
 def replace_all(con, table: str, df: pl.DataFrame) -> int:
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute(f"DELETE FROM {table}")
-        n = insert(con, table, df)
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    return n
+        return insert(con, table, df)
+
+
+def cached_scores(warehouse: "Warehouse", keys: list[str]) -> dict[str, tuple[float, int]]:
+    """The `score_cache` rows for these keys: key -> (sum_logprob, n_tokens). Read-only."""
+    if not keys or not warehouse.path.exists():
+        return {}
+    with warehouse.connect(read_only=True) as con:
+        rows = con.execute(
+            "SELECT key, sum_logprob, n_tokens FROM score_cache WHERE key IN (SELECT unnest(?))", [keys]
+        ).fetchall()
+    return {k: (s, n) for k, s, n in rows}
 
 
 # One query answers "where did this curated row come from?"

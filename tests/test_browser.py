@@ -26,16 +26,13 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+from dagster_dev import DagsterDev
 
 pytestmark = pytest.mark.slow
 
@@ -78,83 +75,6 @@ def _rows() -> list[dict]:
 
 
 # --- the server --------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _graphql(base: str, query: str) -> dict:
-    req = urllib.request.Request(
-        f"{base}/graphql", data=json.dumps({"query": query}).encode(),
-        headers={"Content-Type": "application/json"}, method="POST",
-    )
-    with urllib.request.urlopen(req, timeout=30) as r:
-        body = json.loads(r.read())
-    assert not body.get("errors"), body["errors"]
-    return body["data"]
-
-
-LOCATIONS = """
-query { workspaceOrError { __typename ... on Workspace { locationEntries { name loadStatus
-  locationOrLoadError { __typename ... on PythonError { message } } } } } }
-"""
-
-
-class DagsterDev:
-    """`dagster dev` (webserver + daemon + code server) in its own session, ended as a group."""
-
-    def __init__(self, home: Path, env: dict, log: Path):
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = log
-        self._log = open(log, "w")
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"),
-             "-h", "127.0.0.1", "-p", str(self.port)],
-            cwd=home, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-    def log_tail(self, n: int = 6000) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-n:]
-
-    def wait_ready(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc.poll() is None, f"dagster dev exited with {self.proc.returncode}:\n{self.log_tail()}"
-            assert time.monotonic() < deadline, f"no /server_info within {timeout}s:\n{self.log_tail()}"
-            try:
-                with urllib.request.urlopen(f"{self.base}/server_info", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            time.sleep(1.0)
-        while True:  # the webserver answers before the code location has loaded
-            ws = _graphql(self.base, LOCATIONS)["workspaceOrError"]
-            assert ws["__typename"] == "Workspace", ws
-            entry = next((e for e in ws["locationEntries"] if e["name"] == "lalp"), None)
-            if entry and entry["loadStatus"] == "LOADED":
-                loc = entry["locationOrLoadError"]
-                assert loc["__typename"] == "RepositoryLocation", f"code location failed to load: {loc}"
-                return
-            assert time.monotonic() < deadline, f"code location did not load within {timeout}s:\n{self.log_tail()}"
-            time.sleep(1.0)
-
-    def stop(self) -> None:
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                pass
-        self._log.close()
 
 
 # --- fixtures ----------------------------------------------------------------------------------

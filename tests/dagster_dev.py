@@ -1,0 +1,125 @@
+"""A real `dagster dev` (webserver + daemon + code server) on a loopback port, for the UI tests
+(tests/test_webserver_smoke.py, tests/test_browser.py): start it, wait until the `lalp` code
+location has loaded, talk GraphQL to it, end the whole process tree."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+WORKSPACE_QUERY = """
+query {
+  workspaceOrError {
+    __typename
+    ... on Workspace {
+      locationEntries {
+        name
+        loadStatus
+        locationOrLoadError {
+          __typename
+          ... on RepositoryLocation { repositories { name jobs { name } } }
+          ... on PythonError { message }
+        }
+      }
+    }
+    ... on PythonError { message }
+  }
+}
+"""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read()
+
+
+def graphql(base: str, query: str, variables: dict | None = None, timeout: float = 60.0) -> dict:
+    req = urllib.request.Request(
+        f"{base}/graphql",
+        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        body = json.loads(r.read())
+    assert not body.get("errors"), body["errors"]
+    return body["data"]
+
+
+class DagsterDev:
+    """`dagster dev` in its own session, so the whole tree (webserver, daemon, code server, run
+    workers) can be ended at once."""
+
+    def __init__(self, home: Path, env: dict, log: Path):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        self._log = open(log, "w")
+        self.proc = subprocess.Popen(
+            [str(BIN / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(self.port)],
+            cwd=home, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def log_tail(self, n: int = 6000) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def wait_ready(self, timeout: float = 180.0) -> dict:
+        deadline = time.monotonic() + timeout
+        info = None
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"dagster dev exited with {self.proc.returncode}:\n{self.log_tail()}"
+            try:
+                status, body = http_get(f"{self.base}/server_info")
+                if status == 200:
+                    info = json.loads(body)
+                    break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            time.sleep(1.0)
+        assert info is not None, f"no /server_info within {timeout}s:\n{self.log_tail()}"
+        # the webserver answers before the code location has loaded
+        while time.monotonic() < deadline:
+            ws = graphql(self.base, WORKSPACE_QUERY)["workspaceOrError"]
+            assert ws["__typename"] == "Workspace", ws
+            entry = next((e for e in ws["locationEntries"] if e["name"] == "lalp"), None)
+            if entry and entry["loadStatus"] == "LOADED":
+                loc = entry["locationOrLoadError"]
+                assert loc["__typename"] == "RepositoryLocation", f"code location failed to load: {loc}"
+                return {"server_info": info, "location": loc}
+            time.sleep(1.0)
+        raise AssertionError(f"code location 'lalp' did not load within {timeout}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever is left of the tree
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.close()
