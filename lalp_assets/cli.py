@@ -173,8 +173,7 @@ def cmd_run(args) -> int:
     from lalp_assets.definitions import defs
     from lalp_assets.common import SETTINGS, teacher_partitions
 
-    Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
-    instance = dg.DagsterInstance.get()
+    instance = open_instance()
     reap_dead_runs(instance)
     t0 = time.perf_counter()
     sources = defs.resources["trace_sources"]
@@ -220,6 +219,26 @@ def cmd_run(args) -> int:
     print(f"Curated SFT data: {Path(SETTINGS.exports) / 'curated_sft.jsonl'} (and .parquet)")
     print(f"Warehouse: {SETTINGS.warehouse}; open the UI with: make ui   ({time.perf_counter() - t0:.0f}s)")
     return 0
+
+
+def open_instance():
+    """The Dagster instance in $DAGSTER_HOME. Its SQLite storages create their tables on first use,
+    and two processes doing that at once on a fresh home collide ("table ... already exists"), so
+    that first use is serialized with a file lock beside them."""
+    import fcntl
+
+    import dagster as dg
+
+    home = Path(os.environ["DAGSTER_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".lalp-instance.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        instance = dg.DagsterInstance.get()
+        # one read from each storage (runs, events, schedules) creates its tables
+        instance.get_runs(limit=1)
+        instance.get_dynamic_partitions("teacher")
+        instance.all_instigator_state()
+    return instance
 
 
 def register_teachers(instance, teachers: list[str]) -> list[str]:
