@@ -32,12 +32,12 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
-	$(BIN)/python -m lalp_resources.benchmark $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.benchmark $(BENCH_ARGS)
 
-# The inputs a GPU lease can carry (see lalp_resources/gpu_check.py): sampled ZeroEval rows + the student's
+# The inputs a GPU lease can carry (see benchmarks/gpu_check.py): sampled ZeroEval rows + the student's
 # config and tokenizer, in the git-ignored .devbundle/.
 gpu-bundle: setup
-	$(BIN)/python -m lalp_resources.benchmark --prompts 24 --write-bundle .devbundle
+	$(BIN)/python -m benchmarks.benchmark --prompts 24 --write-bundle .devbundle
 
 ui: setup
 	$(BIN)/dagster dev -w workspace.yaml

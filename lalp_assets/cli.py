@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from lalp_assets.settings import REPO_ROOT, dagster_home
+from lalp_resources.settings import REPO_ROOT, dagster_home
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -52,12 +52,12 @@ def cmd_ingest(args) -> int:
 def cmd_score(args) -> int:
     import polars as pl
 
-    from lalp_assets.aggregation import steps_frame
-    from lalp_assets.segmentation import segment
+    from lalp_resources.method.aggregation import steps_frame
+    from lalp_resources.method.segmentation import segment
     from lalp_resources import adapters
     from lalp_resources.engine import ScoreItem, ScoringEngine
     from lalp_resources.student import load_student
-    from lalp_resources.tokenization import merge_unscored_steps
+    from lalp_resources.method.tokenization import merge_unscored_steps
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,7 @@ def cmd_score(args) -> int:
         res.quarantine.write_parquet(out / "quarantine.parquet")
     traces = res.traces
     if args.max_prompts:
-        from lalp_assets.aggregation import sample_prompts
+        from lalp_resources.method.aggregation import sample_prompts
 
         keep = sample_prompts(traces["prompt_id"].to_list(), args.max_prompts)
         traces = traces.filter(pl.col("prompt_id").is_in(list(keep)))
@@ -312,8 +312,8 @@ def _print_failures(result) -> None:
 
 
 def cmd_lineage(args) -> int:
-    from lalp_assets.lineage import lineage_report
-    from lalp_assets.settings import Settings
+    from lalp_resources.lineage import lineage_report
+    from lalp_resources.settings import Settings
 
     os.environ.setdefault("DAGSTER_HOME", str(dagster_home()))
     report = lineage_report(args.response_id, Settings().warehouse)
@@ -325,7 +325,7 @@ def cmd_lineage(args) -> int:
 
 
 def report_text(r: dict) -> str:
-    from lalp_assets.lineage import format_report
+    from lalp_resources.lineage import format_report
 
     return format_report(r)
 

@@ -8,8 +8,8 @@ import warnings
 import dagster as dg
 import polars as pl
 
-from lalp_assets.markdown import markdown_table  # noqa: F401  (re-exported for the asset modules)
-from lalp_assets.settings import Settings
+from lalp_resources.markdown import markdown_table  # noqa: F401  (re-exported for the asset modules)
+from lalp_resources.settings import Settings
 
 SETTINGS = Settings()
 

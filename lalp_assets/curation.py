@@ -8,8 +8,8 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from lalp_assets.aggregation import select_responses, sft_messages
-from lalp_assets.report import md_image, mix_plot, write_report
+from lalp_resources.method.aggregation import select_responses, sft_messages
+from lalp_resources.report import md_image, mix_plot, write_report
 from lalp_assets.common import SETTINGS, check_result, markdown_table, table_metadata
 from lalp_resources import expectations as gx_suites
 from lalp_resources.resources import PipelineSettingsResource, WarehouseResource

@@ -5,8 +5,8 @@ interval, GALP beside it)."""
 import dagster as dg
 import polars as pl
 
-from lalp_assets.aggregation import rank_teachers
-from lalp_assets.report import md_image, ranking_plot, step_distribution_plot
+from lalp_resources.method.aggregation import rank_teachers
+from lalp_resources.report import md_image, ranking_plot, step_distribution_plot
 from lalp_assets.common import SETTINGS, check_result, markdown_table, table_metadata
 from lalp_resources import expectations as gx_suites
 from lalp_resources.resources import PipelineSettingsResource, WarehouseResource

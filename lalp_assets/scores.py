@@ -8,7 +8,7 @@ import time
 import dagster as dg
 import polars as pl
 
-from lalp_assets.aggregation import lalp_from_steps, spans_by_response
+from lalp_resources.method.aggregation import lalp_from_steps, spans_by_response
 from lalp_assets.common import BACKFILL, SETTINGS, check_result, score_config, table_metadata, teacher_partitions
 from lalp_resources import expectations as gx_suites
 from lalp_resources.engine import ScoreItem

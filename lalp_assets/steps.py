@@ -4,11 +4,11 @@
 import dagster as dg
 import polars as pl
 
-from lalp_assets.aggregation import sample_prompts, steps_frame
+from lalp_resources.method.aggregation import sample_prompts, steps_frame
 from lalp_assets.common import BACKFILL, SETTINGS, check_result, table_metadata, teacher_partitions
 from lalp_resources import expectations as gx_suites
 from lalp_resources.resources import PipelineSettingsResource, SegmentationResource, StudentModelResource, WarehouseResource
-from lalp_resources.tokenization import merge_unscored_steps
+from lalp_resources.method.tokenization import merge_unscored_steps
 from lalp_resources.warehouse import query, replace_teachers
 
 CHECKS = [

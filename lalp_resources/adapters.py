@@ -38,7 +38,7 @@ from typing import Any, Iterable
 
 import polars as pl
 
-from lalp_resources.answers import annotate
+from lalp_resources.method.answers import annotate
 
 __all__ = [
     "TRACE_COLUMNS",
@@ -938,7 +938,7 @@ def read_source(source: str | Path, format: str = "auto", *, teacher_mode: str =
     """Read one source (a file, a directory of files, or ``"champ"`` / ``"champ:v0"``).
 
     Rows are deduplicated within the source and, unless ``verify=False``, answers are
-    extracted and verified (:func:`lalp_resources.answers.annotate`); with
+    extracted and verified (:func:`lalp_resources.method.answers.annotate`); with
     ``verify=False`` the ``is_correct`` / ``verify_reason`` columns stay null.
     """
     return ingest([source], format, teacher_mode=teacher_mode, champ_settings=champ_settings,

@@ -1,6 +1,6 @@
 """The exact LALP/GALP scoring engine.
 
-It computes the same numbers as `lalp_resources.reference` (the definition in DESIGN.md) with
+It computes the same numbers as `lalp_resources.reference` (the definition in docs/method.md) with
 far fewer token-forwards:
 
 - **Shared prefix.** The templated prompt is run once per prompt; its KV cache is reused by every
@@ -37,8 +37,8 @@ from typing import Callable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from lalp_assets.windows import WindowSpec
-from lalp_resources.tokenization import prefix_ids, scored_range, tokenize_many, window_key
+from lalp_resources.method.windows import WindowSpec
+from lalp_resources.method.tokenization import prefix_ids, scored_range, tokenize_many, window_key
 
 log = logging.getLogger("lalp.engine")
 

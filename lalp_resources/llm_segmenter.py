@@ -30,7 +30,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from lalp_assets.segmentation import (
+from lalp_resources.method.segmentation import (
     SEGMENTER_VERSIONS,
     Span,
     check_tiling,

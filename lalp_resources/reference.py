@@ -1,6 +1,6 @@
 """The plain reference implementation of LALP and GALP: one forward pass per window, the prefix
 recomputed every time, full-vocabulary logits at every position. Slow on purpose; it is the
-definition in DESIGN.md written as directly as possible, kept for tests and the benchmark."""
+definition in docs/method.md written as directly as possible, kept for tests and the benchmark."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lalp_assets.windows import WindowSpec
-from lalp_resources.tokenization import prefix_ids, scored_range, tokenize_with_starts
+from lalp_resources.method.windows import WindowSpec
+from lalp_resources.method.tokenization import prefix_ids, scored_range, tokenize_with_starts
 
 
 @dataclass

@@ -133,7 +133,7 @@ class SegmentationResource(dg.ConfigurableResource):
     _llm = PrivateAttr(default=None)
 
     def version(self) -> str:
-        from lalp_assets.segmentation import SEGMENTER_VERSIONS
+        from lalp_resources.method.segmentation import SEGMENTER_VERSIONS
 
         if self.method == "llm":
             return self._segmenter().version
@@ -149,7 +149,7 @@ class SegmentationResource(dg.ConfigurableResource):
         return self._llm
 
     def segment_fn(self) -> Callable[[str], tuple[list[tuple[int, int]], str | None]]:
-        from lalp_assets.segmentation import SEGMENTERS, segment
+        from lalp_resources.method.segmentation import SEGMENTERS, segment
 
         if self.method not in SEGMENTERS:
             raise ValueError(f"unknown segmenter {self.method!r}; expected one of {SEGMENTERS}")

@@ -1,4 +1,4 @@
-"""Tests for lalp_resources.answers: final-answer extraction and math verification."""
+"""Tests for lalp_resources.method.answers: final-answer extraction and math verification."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lalp_resources import answers
-from lalp_resources.answers import annotate, extract_final_answer, verify_answer
+from lalp_resources.method import answers
+from lalp_resources.method.answers import annotate, extract_final_answer, verify_answer
 
 
 @pytest.mark.parametrize(

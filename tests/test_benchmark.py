@@ -7,8 +7,8 @@ import math
 import polars as pl
 import pytest
 
-from lalp_assets.segmentation import segment
-from lalp_resources import benchmark as bm
+from lalp_resources.method.segmentation import segment
+from benchmarks import benchmark as bm
 from lalp_resources.engine import ScoreItem
 
 TEXTS = [
@@ -20,7 +20,7 @@ TEXTS = [
 
 
 def _items(tokenizer):
-    from lalp_resources.tokenization import merge_unscored_steps
+    from lalp_resources.method.tokenization import merge_unscored_steps
 
     prompts = ["What is x + y?", "What is x + y?", "Simplify (a+b)^2."]
     return [
@@ -89,7 +89,7 @@ def test_token_counting_and_compare():
 
 
 def test_reference_forward_tokens(smol_tokenizer):
-    from lalp_resources.tokenization import prefix_ids
+    from lalp_resources.method.tokenization import prefix_ids
 
     item = _items(smol_tokenizer)[1]  # one step: one window + one GALP pass
     npre = len(prefix_ids(smol_tokenizer, item.prompt, "chat"))

@@ -7,11 +7,11 @@ import random
 import pytest
 import torch
 
-from lalp_assets.segmentation import segment
-from lalp_assets.windows import WindowSpec
+from lalp_resources.method.segmentation import segment
+from lalp_resources.method.windows import WindowSpec
 from lalp_resources.engine import DictCache, ScoreItem, ScoringEngine
 from lalp_resources.reference import reference_score
-from lalp_resources.tokenization import merge_unscored_steps, prefix_ids, tokenize_with_starts
+from lalp_resources.method.tokenization import merge_unscored_steps, prefix_ids, tokenize_with_starts
 
 from conftest import tiny_llama
 
@@ -92,7 +92,7 @@ def test_branches_cover_non_prefix_stable_tokenization(tiny_model, smol_tokenize
 
 
 def test_consistency_full_window_equals_galp_grouped_by_step(tiny_model, smol_tokenizer):
-    """DESIGN.md: with a window covering all preceding steps, step scores equal GALP's token
+    """docs/method.md: with a window covering all preceding steps, step scores equal GALP's token
     log-probs grouped by step (fp32, tolerance 1e-4). Line steps end in a single newline before
     a word, where the tokenizer is prefix-stable, so the property holds token for token."""
     text = "Let x = 2.\nThen x^2 = 4.\nAdd 3 to get 7.\nSo the answer is \\boxed{7}."

@@ -1,6 +1,6 @@
 """GPU checks: the engine equals the reference on CUDA in float32, with packed rows, chunked long
 rows and every window kind. They skip on machines without CUDA (CI has none); on a GPU lease run
-them with `python3 -m lalp_resources.gpu_check`. The tokenizer comes from the benchmark bundle (`.devbundle`,
+them with `python3 -m benchmarks.gpu_check`. The tokenizer comes from the benchmark bundle (`.devbundle`,
 which a lease can carry) or, where the embedded student is installed, from it."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_llama
-from lalp_assets.segmentation import segment
+from lalp_resources.method.segmentation import segment
 from lalp_resources.engine import ScoreItem
 from test_engine import WORDS, assert_matches_reference, make_items
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (python3 -m lalp_resources.gpu_check on a GPU lease)")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (python3 -m benchmarks.gpu_check on a GPU lease)")
 
 BUNDLE = REPO / ".devbundle"
 
@@ -68,5 +68,5 @@ def test_bundle_is_present_for_the_benchmark():
     """The GPU benchmark reads .devbundle (the shared data and the weights cannot reach a lease)."""
     assert (BUNDLE / "rows.jsonl").is_file(), (
         f"{BUNDLE} is missing: write it before the lease with "
-        "`python -m lalp_resources.benchmark --prompts 24 --write-bundle .devbundle`"
+        "`python -m benchmarks.benchmark --prompts 24 --write-bundle .devbundle`"
     )

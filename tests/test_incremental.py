@@ -14,8 +14,8 @@ import pytest
 from conftest import REPO, tiny_llama
 from lalp_assets.automation import inbox_sensor, rank_and_curate_job, score_teachers_job
 from lalp_assets.definitions import ASSETS, build_resources
-from lalp_assets.lineage import lineage_report
-from lalp_assets.settings import Settings
+from lalp_resources.lineage import lineage_report
+from lalp_resources.settings import Settings
 from lalp_resources.warehouse import Warehouse
 
 

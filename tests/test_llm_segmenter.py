@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from lalp_assets.segmentation import check_tiling, segment, segment_sentence
+from lalp_resources.method.segmentation import check_tiling, segment, segment_sentence
 from lalp_resources.llm_segmenter import PROMPT_VERSION, LLMSegmenter, build_user_prompt
 
 TEXT = (

@@ -1,4 +1,4 @@
-"""Step segmentation: exact tiling (property-based) and the concrete rules of DESIGN.md."""
+"""Step segmentation: exact tiling (property-based) and the concrete rules of docs/method.md."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lalp_assets.segmentation import (
+from lalp_resources.method.segmentation import (
     SEGMENTER_VERSIONS,
     SEGMENTERS,
     check_tiling,

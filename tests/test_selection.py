@@ -8,9 +8,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from lalp_assets.aggregation import lalp_from_steps, rank_teachers, sample_prompts, select_responses, sft_messages
+from lalp_resources.method.aggregation import lalp_from_steps, rank_teachers, sample_prompts, select_responses, sft_messages
 from lalp_assets.curation import export_curated
-from lalp_assets.report import ranking_plot, step_distribution_plot, write_report
+from lalp_resources.report import ranking_plot, step_distribution_plot, write_report
 
 
 def responses(rows):

@@ -1,9 +1,9 @@
 """The GPU checks for the scoring engine, as one command for a GPU lease (15 minutes of device time):
 
-    python3 -m lalp_resources.gpu_check        # writes its logs under $OUT (default /tmp/gpu_check)
+    python3 -m benchmarks.gpu_check        # writes its logs under $OUT (default /tmp/gpu_check)
 
 Before the lease, on the CPU machine (needs ../shared/data and the embedded student), write the
-inputs a lease can carry: `make gpu-bundle` (= `python -m lalp_resources.benchmark --prompts 24
+inputs a lease can carry: `make gpu-bundle` (= `python -m benchmarks.benchmark --prompts 24
 --write-bundle .devbundle`, ~4 MiB: ZeroEval rows plus the student's config and tokenizer), and
 name `.devbundle` in the device run's `carry` (it is git-ignored). The
 lease's image has torch and transformers; nothing else of ours is imported. The student's weights
@@ -31,9 +31,9 @@ BUNDLE = REPO / ".devbundle"
 
 STEPS = [
     ("test_gpu", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"], 240),
-    ("bench_fp32", [sys.executable, "-m", "lalp_resources.benchmark", "--bundle", str(BUNDLE), "--random-weights",
+    ("bench_fp32", [sys.executable, "-m", "benchmarks.benchmark", "--bundle", str(BUNDLE), "--random-weights",
                     "--device", "cuda", "--dtype", "float32", "--prompts", "8"], 240),
-    ("bench_bf16", [sys.executable, "-m", "lalp_resources.benchmark", "--bundle", str(BUNDLE), "--random-weights",
+    ("bench_bf16", [sys.executable, "-m", "benchmarks.benchmark", "--bundle", str(BUNDLE), "--random-weights",
                     "--device", "cuda", "--dtype", "bfloat16", "--prompts", "24", "--memory"], 300),
 ]
 

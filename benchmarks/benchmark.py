@@ -1,6 +1,6 @@
 """Throughput and memory benchmark: the packed engine against the plain reference.
 
-    python -m lalp_resources.benchmark [--prompts N] [--teachers T1 T2 ...] [--window fixed:4]
+    python -m benchmarks.benchmark [--prompts N] [--teachers T1 T2 ...] [--window fixed:4]
         [--template chat] [--dtype float32] [--device auto] [--segmenter paragraph] [--memory]
         [--write-bundle DIR | --bundle DIR [--random-weights]]
 
@@ -27,7 +27,7 @@ the CPU, where 32k takes long in float32: `--memory-only --memory-sizes 1000,800
 
 Inputs: `<repo>/../shared/data/zeroeval-math-l5` (ZeroEval MATH level 5); if it is absent, the
 embedded CHAMP traces (`ingest("champ")`), with a message saying so. Or a bundle (see
-"bundles" below and `lalp_resources/gpu_check.py`): what a GPU lease can carry.
+"bundles" below and `benchmarks/gpu_check.py`): what a GPU lease can carry.
 """
 
 from __future__ import annotations
@@ -140,9 +140,9 @@ def sample_traces(traces, n_prompts: int, teachers: Sequence[str] | None = None)
 
 def make_items(rows, tokenizer, segmenter: str = "paragraph"):
     """ScoreItems for trace rows: segmented, then `merge_unscored_steps` with the student tokenizer."""
-    from lalp_assets.segmentation import segment
+    from lalp_resources.method.segmentation import segment
     from lalp_resources.engine import ScoreItem
-    from lalp_resources.tokenization import merge_unscored_steps
+    from lalp_resources.method.tokenization import merge_unscored_steps
 
     if segmenter == "llm":
         raise ValueError("the benchmark uses rule-based segmenters only (paragraph, line, sentence)")
@@ -156,8 +156,8 @@ def make_items(rows, tokenizer, segmenter: str = "paragraph"):
 
 def reference_forward_tokens(tokenizer, item, window: str = DEFAULT_WINDOW, template: str = "chat") -> tuple[int, int]:
     """(token-forwards, forward calls) that `reference_score` spends on one item."""
-    from lalp_assets.windows import WindowSpec
-    from lalp_resources.tokenization import prefix_ids, scored_range, tokenize_with_starts
+    from lalp_resources.method.windows import WindowSpec
+    from lalp_resources.method.tokenization import prefix_ids, scored_range, tokenize_with_starts
 
     w = WindowSpec.parse(window)
     npre = len(prefix_ids(tokenizer, item.prompt, template))
@@ -514,8 +514,8 @@ def synthetic_trace(texts: Sequence[str], tokenizer, target_tokens: int, n_steps
     """A long trace of about `target_tokens` tokens made of real text, in `n_steps` huge
     paragraphs: real responses' lines are concatenated (their blank lines removed) and split into
     `n_steps` groups of about equal token count. Returns (text, spans, n_tokens)."""
-    from lalp_assets.segmentation import segment
-    from lalp_resources.tokenization import merge_unscored_steps
+    from lalp_resources.method.segmentation import segment
+    from lalp_resources.method.tokenization import merge_unscored_steps
 
     # Real lines, cut at spaces into pieces of at most ~200 characters so that the total lands
     # near the target and every paragraph gets many pieces.
@@ -666,7 +666,7 @@ def run_memory(args, student, texts: list[str], rows, log: Callable[[str], None]
 
 
 def _memory_subprocess(args, size: int) -> dict:
-    cmd = [sys.executable, "-m", "lalp_resources.benchmark", "--memory-worker", str(size),
+    cmd = [sys.executable, "-m", "benchmarks.benchmark", "--memory-worker", str(size),
            "--model", args.model, "--device", args.device, "--dtype", args.dtype, "--window", args.window,
            "--template", args.template, "--threads", str(args.threads or 0), "--memory-steps", str(args.memory_steps), "--prompts", str(max(1, args.prompts))]
     if args.data:
@@ -715,7 +715,7 @@ def _teachers(values: Sequence[str] | None) -> list[str] | None:
 
 
 def parse_args(argv: Sequence[str] | None = None):
-    p = argparse.ArgumentParser(prog="python -m lalp_resources.benchmark", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS,
                    help=f"number of prompts (first ids, natural order; default {DEFAULT_PROMPTS})")
     p.add_argument("--teachers", nargs="+", default=None, help="teachers (space or comma separated; default: all)")

@@ -1,4 +1,4 @@
-"""Step segmentation (DESIGN.md, "The method, exactly" -> Steps).
+"""Step segmentation (docs/method.md, "Steps").
 
 A response is cut into *steps*: contiguous character spans ``(start, end)`` (end exclusive) that
 tile the response exactly. Every character belongs to exactly one step, a separator (the

@@ -1,4 +1,4 @@
-"""Tokenization as DESIGN.md defines it, shared by the reference and the engine.
+"""Tokenization as docs/method.md defines it, shared by the reference and the engine.
 
 - prefix: the student's chat template on one user turn with the generation prompt (`chat`),
   or `prompt + "\\n\\n"` (`plain`); no special tokens beyond what the template renders.

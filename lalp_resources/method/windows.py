@@ -1,4 +1,4 @@
-"""Window arithmetic (DESIGN.md, "Window"): step i is conditioned on the prompt and w(i) preceding steps.
+"""Window arithmetic (docs/method.md, "Window"): step i is conditioned on the prompt and w(i) preceding steps.
 
 Pure logic, no Dagster or torch import.
 """

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import polars as pl
 
-from lalp_assets.markdown import markdown_table
+from lalp_resources.markdown import markdown_table
 
 
 def _plt():
