@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-ZEROEVAL = SHARED_DATA / "zeroeval-math-l5"
+from helpers import REPO, SHARED_DATA, ZEROEVAL, tiny_llama, zeroeval_or_skip  # noqa: F401  (re-exported)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -29,28 +27,6 @@ def smol_student():
     return load_student("smollm2", device="cpu", dtype="float32")
 
 
-def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
-    """A tiny random Llama built from a config (no weights downloaded)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-    )
-    cfg.update(overrides)
-    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
-    model.config._attn_implementation = "sdpa"
-    return model
-
-
 @pytest.fixture(scope="session")
 def tiny_model(smol_tokenizer):
     return tiny_llama(len(smol_tokenizer))
-
-
-def zeroeval_or_skip() -> Path:
-    if not ZEROEVAL.is_dir():
-        pytest.skip(f"{ZEROEVAL} is absent: the shared ZeroEval traces are needed for this test")
-    return ZEROEVAL

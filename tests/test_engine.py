@@ -13,7 +13,7 @@ from lalp_resources.engine import DictCache, ScoreItem, ScoringEngine
 from lalp_resources.reference import reference_score
 from lalp_resources.method.tokenization import merge_unscored_steps, prefix_ids, tokenize_with_starts
 
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 TOL = 1e-4
 

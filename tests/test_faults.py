@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from conftest import REPO, tiny_llama
+from helpers import REPO, tiny_llama
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from conftest import REPO, tiny_llama
+from helpers import REPO, tiny_llama
 from lalp_resources.method.segmentation import segment
 from lalp_resources.engine import ScoreItem
 from test_engine import WORDS, assert_matches_reference, make_items

@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from conftest import REPO, tiny_llama
+from helpers import REPO, tiny_llama
 from lalp_assets.automation import inbox_sensor, rank_and_curate_job, score_teachers_job
 from lalp_assets.definitions import ASSETS, build_resources
 from lalp_resources.lineage import lineage_report

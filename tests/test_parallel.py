@@ -16,7 +16,7 @@ import dagster as dg
 import duckdb
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from test_faults import lalp_env, scores, student_dir, write_traces  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
