@@ -4,6 +4,10 @@
     lalp score    INPUT --out DIR [options]                     score traces to Parquet, no Dagster
     lalp ingest   SOURCE --out DIR [--format ...]               canonical traces + quarantine
     lalp lineage  RESPONSE_ID                                   where a curated row came from
+    lalp forget   TEACHER [--yes]                               remove a teacher that left the sources
+
+Every default comes from `lalp_resources.settings.Settings` (the `LALP_*` variables); a flag
+overrides its setting for this command only.
 """
 
 from __future__ import annotations
@@ -11,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-from lalp_resources.settings import REPO_ROOT, dagster_home
+from lalp_resources.settings import Settings
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -31,96 +34,90 @@ def _setup_logging(verbose: bool) -> None:
 def cmd_ingest(args) -> int:
     from lalp_resources import adapters
 
+    settings = _settings(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = adapters.ingest(args.source, args.format, teacher_mode=args.teacher_mode, max_response_chars=args.max_response_chars)
+    res = adapters.ingest(args.source, settings.source_format, teacher_mode=settings.teacher_mode, limits=_limits(settings))
     res.traces.write_parquet(out / "traces.parquet")
     res.quarantine.write_parquet(out / "quarantine.parquet")
-    s = res.summary()
-    print(f"read {s['read']} rows = {s['accepted']} accepted + {s['quarantined']} quarantined")
-    for reason, n in s["by_reason"].items():
-        print(f"  quarantined {reason}: {n}")
-    for row in res.quarantine.head(args.show).iter_rows(named=True):
-        print(f"  - {row['source_uri'].rsplit('/', 1)[-1]}: {row['detail']}")
+    _print_ingest(res, args.show)
     print(f"wrote {out / 'traces.parquet'} and {out / 'quarantine.parquet'}")
     return 0
+
+
+def _limits(settings: Settings):
+    from lalp_resources import adapters
+
+    return adapters.Limits(max_prompt_chars=settings.max_prompt_chars, max_response_chars=settings.max_response_chars,
+                           max_teacher_chars=settings.max_teacher_chars, max_prompt_id_chars=settings.max_prompt_id_chars)
+
+
+def _print_ingest(res, show: int, file=sys.stdout) -> None:
+    s = res.summary()
+    print(f"read {s['read']} rows = {s['accepted']} accepted + {s['quarantined']} quarantined", file=file)
+    for reason, n in s["by_reason"].items():
+        print(f"  quarantined {reason}: {n}", file=file)
+    for row in res.quarantine.head(show).iter_rows(named=True):
+        print(f"  - {str(row['source_uri']).rsplit('/', 1)[-1]}: {row['detail']}", file=file)
 
 
 # --- lalp score -------------------------------------------------------------------------------
 
 
 def cmd_score(args) -> int:
+    """The same stages as the asset graph (lalp_resources/pipeline.py), without Dagster."""
     import polars as pl
 
-    from lalp_resources.method.aggregation import steps_frame
-    from lalp_resources.method.segmentation import segment
-    from lalp_resources import adapters
-    from lalp_resources.engine import ScoreItem, ScoringEngine
+    from lalp_resources import adapters, pipeline
+    from lalp_resources.method.aggregation import sample_prompts
     from lalp_resources.student import load_student
-    from lalp_resources.method.tokenization import merge_unscored_steps
 
+    settings = _settings(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = adapters.ingest(args.input, args.format, max_response_chars=args.max_response_chars)
-    s = res.summary()
-    print(f"read {s['read']} rows = {s['accepted']} accepted + {s['quarantined']} quarantined", file=sys.stderr)
-    for row in res.quarantine.iter_rows(named=True):
-        print(f"  skipped: {row['source_uri'].rsplit('/', 1)[-1]}: {row['detail']}", file=sys.stderr)
-    if res.quarantine.height:
-        res.quarantine.write_parquet(out / "quarantine.parquet")
+    res = adapters.ingest(args.input, settings.source_format, teacher_mode=settings.teacher_mode, limits=_limits(settings))
+    _print_ingest(res, show=20, file=sys.stderr)
     traces = res.traces
-    if args.max_prompts:
-        from lalp_resources.method.aggregation import sample_prompts
-
-        keep = sample_prompts(traces["prompt_id"].to_list(), args.max_prompts)
+    if settings.max_prompts:
+        keep = sample_prompts(traces["prompt_id"].to_list(), settings.max_prompts)
         traces = traces.filter(pl.col("prompt_id").is_in(list(keep)))
+    student = load_student(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
+    traces, too_long = pipeline.token_caps(traces, student.tokenizer, settings.max_prompt_tokens, settings.max_response_tokens)
+    quarantine = pl.concat([res.quarantine, too_long], how="diagonal_relaxed") if too_long.height else res.quarantine
+    for row in too_long.iter_rows(named=True):
+        print(f"  skipped: {row['detail']} (prompt_id={row['prompt_id']!r}, teacher={row['teacher']!r})", file=sys.stderr)
+    if quarantine.height:
+        quarantine.write_parquet(out / "quarantine.parquet")
     if traces.height == 0:
         print("error: no valid rows to score", file=sys.stderr)
         return 2
-    student = load_student(args.model, device=args.device, dtype=args.dtype)
-    llm = None
-    if args.segmenter == "llm":
+    if settings.segmenter == "llm":
         from lalp_resources.llm_segmenter import LLMSegmenter
 
-        if not (args.llm_url and args.llm_model):
-            print("error: --segmenter llm needs --llm-url and --llm-model", file=sys.stderr)
+        if not (settings.llm_url and settings.llm_model):
+            print("error: --segmenter llm needs --llm-url and --llm-model (or LALP_LLM_URL / LALP_LLM_MODEL)", file=sys.stderr)
             return 2
-        llm = LLMSegmenter(args.llm_url, args.llm_model)
+        llm = LLMSegmenter(settings.llm_url, settings.llm_model, api_key=settings.llm_api_key or None, timeout=settings.llm_timeout_s)
+        segment_fn = llm.segment
+    else:
+        from lalp_resources.method.segmentation import segment
 
-    def seg(text):
-        spans = llm.segment(text) if llm else (segment(text, args.segmenter), None)
-        return merge_unscored_steps(student.tokenizer, text, spans[0]), spans[1]
-
-    steps = steps_frame(traces, seg)
-    spans = {}
-    for rid, lo, hi in steps.select("response_id", "char_start", "char_end").iter_rows():
-        spans.setdefault(rid, []).append((lo, hi))
-    items = [ScoreItem(rid, p, t, spans[rid]) for rid, p, t in traces.select("response_id", "prompt", "response").iter_rows()]
-    engine = ScoringEngine(
-        student.model, student.tokenizer, template=args.template, window=args.window,
-        namespace=f"{student.fingerprint}|{args.template}|{student.dtype}", approx=args.approx,
-    )
-    if args.approx:
-        print("note: --approx uses one step-sliding pass per response; step scores are NOT exact LALP", file=sys.stderr)
+        segment_fn = lambda text: (segment(text, settings.segmenter), None)  # noqa: E731
+    steps = pipeline.segment_traces(traces, segment_fn, student.tokenizer)
+    items = pipeline.score_items(steps, traces)
+    engine = _engine(args, settings, student)
     bar = _progress_bar(len(steps) + len(items))
     t0 = time.perf_counter()
-    result = engine.score_all(items, progress=lambda done, total, st: bar(done, total, st))
+    parts = list(pipeline.score_chunks(engine, items, progress=lambda done, total, st: bar(done, total, st)))
     secs = time.perf_counter() - t0
-    sc = pl.DataFrame(
-        [(x.response_id, x.step_index, x.n_tokens, x.mean_logprob) for x in result.steps],
-        schema={"response_id": pl.Utf8, "step_index": pl.Int32, "n_tokens": pl.Int32, "mean_logprob": pl.Float64},
-        orient="row",
-    )
-    steps_out = steps.join(sc, on=["response_id", "step_index"]).select(
+    step_scores = pl.concat([p["step_scores"] for p in parts]) if parts else pl.DataFrame(schema=pipeline.STEP_SCORE_SCHEMA)
+    galp = pl.concat([p["galp_scores"] for p in parts]) if parts else pl.DataFrame(schema=pipeline.GALP_SCHEMA)
+    steps_out = steps.join(step_scores, on=["response_id", "step_index"]).select(
         "response_id", "prompt_id", "teacher", "step_index", "char_start", "char_end", "text", "n_tokens", "mean_logprob"
-    )
-    resp = pl.DataFrame(
-        [(r.response_id, r.n_steps, r.lalp, r.galp) for r in result.responses],
-        schema={"response_id": pl.Utf8, "n_steps": pl.Int32, "lalp": pl.Float64, "galp": pl.Float64},
-        orient="row",
-    ).join(traces.select("response_id", "prompt_id", "teacher"), on="response_id").select(
-        "response_id", "prompt_id", "teacher", "n_steps", "lalp", "galp"
-    )
+    ).sort("response_id", "step_index")
+    resp = pipeline.aggregate_responses(step_scores, galp).join(
+        traces.select("response_id", "prompt_id", "teacher"), on="response_id"
+    ).select("response_id", "prompt_id", "teacher", "n_steps", "lalp", "galp").sort("response_id")
     steps_out.write_parquet(out / "steps.parquet")
     resp.write_parquet(out / "responses.parquet")
     st = engine.stats
@@ -135,6 +132,19 @@ def cmd_score(args) -> int:
     print(resp.group_by("teacher").agg(pl.len().alias("responses"), pl.col("lalp").mean(), pl.col("galp").mean()).sort("lalp", descending=True))
     print(f"wrote {out / 'steps.parquet'} and {out / 'responses.parquet'}")
     return 0
+
+
+def _engine(args, settings: Settings, student):
+    from lalp_resources.engine import ScoringEngine
+
+    kw = dict(template=settings.template, window=settings.window,
+              namespace=f"{student.fingerprint}|{settings.template}|{student.dtype}",
+              row_tokens=settings.row_tokens or None, batch_tokens=settings.batch_tokens or None,
+              group_tokens=settings.group_tokens or None)
+    if args.approx:
+        print("note: --approx uses one step-sliding pass per response; step scores are NOT exact LALP", file=sys.stderr)
+        return ScoringEngine(student.model, student.tokenizer, approx=True, **kw)
+    return ScoringEngine(student.model, student.tokenizer, **kw)
 
 
 def _progress_bar(total: int):
@@ -161,141 +171,97 @@ def _progress_bar(total: int):
 
 
 def cmd_run(args) -> int:
-    os.environ.setdefault("DAGSTER_HOME", str(REPO_ROOT / "dagster_home"))
-    if args.all:
-        os.environ["LALP_MAX_PROMPTS"] = "0"
-    elif args.max_prompts is not None:
-        os.environ["LALP_MAX_PROMPTS"] = str(args.max_prompts)
-    if args.source:
-        os.environ["LALP_SOURCES"] = ",".join(args.source)
     import dagster as dg
 
-    from lalp_assets.definitions import defs
-    from lalp_assets.common import SETTINGS, teacher_partitions
+    from lalp_assets.definitions import build_defs
+    from lalp_assets.instance import open_instance, owner_tags, reap_dead_runs, register_teachers
+    from lalp_assets.partitions import teacher_partitions
+    from lalp_assets.rankings import ranking_markdown
+    from lalp_resources.method.aggregation import ranking_verdict
+    from lalp_resources.warehouse import Warehouse
 
-    instance = open_instance()
+    settings = _settings(args)
+    defs = build_defs(settings)
+    instance = open_instance(settings)
     reap_dead_runs(instance)
     t0 = time.perf_counter()
-    sources = defs.resources["trace_sources"]
-    teachers = sources.discover_teachers()
+    teachers = defs.resources["trace_sources"].discover_teachers()
     if not teachers:
         print("error: no teacher traces found in the configured sources", file=sys.stderr)
         return 2
     register_teachers(instance, teachers)
     keys = instance.get_dynamic_partitions(teacher_partitions.name)
     wanted = [k for k in keys if k in teachers]
-    print(f"teachers: {wanted}; prompts per teacher: {SETTINGS.max_prompts or 'all'}; DAGSTER_HOME={os.environ['DAGSTER_HOME']}")
-    # One run over the contiguous range of teacher partitions (the student loads once), then
-    # the ranking and curation run.
-    lo, hi = keys.index(wanted[0]), keys.index(wanted[-1])
-    if keys[lo : hi + 1] != wanted:
-        print("note: the partition range also covers teachers not in the current sources", file=sys.stderr)
-    r1 = defs.resolve_job_def("score_teachers_job").execute_in_process(
-        instance=instance,
-        tags={"dagster/asset_partition_range_start": keys[lo], "dagster/asset_partition_range_end": keys[hi], **_owner_tags()},
-        run_config=_log_config(args.verbose),
-        raise_on_error=False,
-    )
-    print(f"run {r1.run_id}: score_teachers_job {'succeeded' if r1.success else 'FAILED'}")
-    if not r1.success:
-        _print_failures(r1)
+    others = [k for k in keys if k not in teachers]
+    print(f"teachers: {wanted}; prompts per teacher: {settings.max_prompts or 'all'}; DAGSTER_HOME={settings.dagster_home}")
+    if others:
+        print(f"note: teacher(s) {others} are registered but not in these sources: left untouched "
+              "(`lalp forget TEACHER` removes one)", file=sys.stderr)
+    # A run touches exactly the current sources' teachers: one run per contiguous block of
+    # them in partition order. The runs share this process, so the student loads once.
+    blocks = _contiguous_blocks(keys, set(wanted))
+    log = _log_config(args.verbose)
+    jobs = ["score_teachers_job"] if settings.shards <= 1 else ["score_teachers_job"]
+    for lo, hi in blocks:
+        for job in jobs:
+            r = defs.resolve_job_def(job).execute_in_process(
+                instance=instance, run_config=log, raise_on_error=False,
+                tags={"dagster/asset_partition_range_start": lo, "dagster/asset_partition_range_end": hi, **owner_tags()},
+            )
+            if not _report(r, job):
+                return 1
+    if settings.shards > 1:
+        for t in wanted:
+            for shard in range(settings.shards):
+                key = dg.MultiPartitionKey({"teacher": t, "shard": str(shard)})
+                r = defs.resolve_job_def("score_shards_job").execute_in_process(
+                    instance=instance, run_config=log, raise_on_error=False, partition_key=key, tags=owner_tags())
+                if not _report(r, f"score_shards_job {t}/{shard}"):
+                    return 1
+        for lo, hi in blocks:
+            r = defs.resolve_job_def("response_scores_job").execute_in_process(
+                instance=instance, run_config=log, raise_on_error=False,
+                tags={"dagster/asset_partition_range_start": lo, "dagster/asset_partition_range_end": hi, **owner_tags()})
+            if not _report(r, "response_scores_job"):
+                return 1
+    r = defs.resolve_job_def("rank_and_curate_job").execute_in_process(
+        instance=instance, tags=owner_tags(), run_config=log, raise_on_error=False)
+    if not _report(r, "rank_and_curate_job"):
         return 1
-    r2 = defs.resolve_job_def("rank_and_curate_job").execute_in_process(
-        instance=instance, tags=_owner_tags(), run_config=_log_config(args.verbose), raise_on_error=False
-    )
-    print(f"run {r2.run_id}: rank_and_curate_job {'succeeded' if r2.success else 'FAILED'}")
-    if not r2.success:
-        _print_failures(r2)
-        return 1
-    from lalp_assets.rankings import ranking_markdown
-    from lalp_resources.warehouse import Warehouse
-
-    wh = Warehouse(SETTINGS.warehouse)
+    wh = Warehouse(settings.warehouse, data_path=settings.lake_data_path or None)
     rk = wh.read("SELECT * FROM teacher_rankings ORDER BY lalp_rank")
     mix = wh.read("SELECT teacher, count(*) AS rows FROM curated_sft_dataset GROUP BY teacher ORDER BY rows DESC")
     print("\nTeacher ranking (LALP, paired bootstrap 95% CI; GALP beside it):")
     print(ranking_markdown(rk))
+    print("\n" + ranking_verdict(rk))
     print("\nCurated set teacher mix: " + ", ".join(f"{t}: {n}" for t, n in mix.iter_rows()))
-    print(f"Curated SFT data: {Path(SETTINGS.exports) / 'curated_sft.jsonl'} (and .parquet)")
-    print(f"Warehouse: {SETTINGS.warehouse}; open the UI with: make ui   ({time.perf_counter() - t0:.0f}s)")
+    print(f"Curated SFT data: {Path(settings.exports) / 'curated_sft.jsonl'} (and .parquet)")
+    print(f"Warehouse: {settings.warehouse}; open the UI with: make ui   ({time.perf_counter() - t0:.0f}s)")
     return 0
 
 
-def open_instance():
-    """The Dagster instance in $DAGSTER_HOME. Its SQLite storages create their tables on first use,
-    and two processes doing that at once on a fresh home collide ("table ... already exists"), so
-    that first use is serialized with a file lock beside them."""
-    import fcntl
-
-    import dagster as dg
-
-    home = Path(os.environ["DAGSTER_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / ".lalp-instance.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        instance = dg.DagsterInstance.get()
-        # one read from each storage (runs, events, schedules) creates its tables
-        instance.get_runs(limit=1)
-        instance.get_dynamic_partitions("teacher")
-        instance.all_instigator_state()
-    return instance
+def _contiguous_blocks(keys: list[str], wanted: set[str]) -> list[tuple[str, str]]:
+    blocks, start, prev = [], None, None
+    for k in keys + [None]:
+        if k is not None and k in wanted:
+            start = start or k
+            prev = k
+        elif start is not None:
+            blocks.append((start, prev))
+            start = None
+    return blocks
 
 
-def register_teachers(instance, teachers: list[str]) -> list[str]:
-    """Add teacher partitions that do not exist yet. Safe when another process registers the
-    same teachers at the same moment (the loser of the race sees them and moves on)."""
-    from lalp_assets.common import teacher_partitions
-
-    added = []
-    for t in teachers:
-        if instance.has_dynamic_partition(teacher_partitions.name, t):
-            continue
-        try:
-            instance.add_dynamic_partitions(teacher_partitions.name, [t])
-            added.append(t)
-        except Exception:
-            if not instance.has_dynamic_partition(teacher_partitions.name, t):
-                raise
-    return added
+def _report(result, name: str) -> bool:
+    print(f"run {result.run_id}: {name} {'succeeded' if result.success else 'FAILED'}")
+    if not result.success:
+        _print_failures(result)
+    return result.success
 
 
 def _log_config(verbose: bool) -> dict:
     """Dagster's console logger: progress and results at INFO, its step-by-step DEBUG only with -v."""
     return {"loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "INFO"}}}}
-
-
-def _owner_tags() -> dict:
-    import socket
-
-    return {"lalp/pid": str(os.getpid()), "lalp/host": socket.gethostname()}
-
-
-def reap_dead_runs(instance) -> list[str]:
-    """Runs this command executes in-process have no run monitor: if such a process was killed
-    (SIGKILL, OOM), its run stays STARTED and keeps its `gpu` pool slot, blocking every later
-    scoring run. Mark runs whose owning process is gone as failed and free their slots."""
-    import socket
-
-    import dagster as dg
-
-    reaped = []
-    host = socket.gethostname()
-    for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING])):
-        pid, run_host = run.tags.get("lalp/pid"), run.tags.get("lalp/host")
-        if not pid or run_host != host:
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # still alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        instance.report_run_failed(run, f"the process that ran it (pid {pid}) is gone; marked failed by lalp run")
-        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
-        reaped.append(run.run_id)
-        print(f"note: run {run.run_id} was left STARTED by a dead process; marked failed and freed its pool slot", file=sys.stderr)
-    return reaped
 
 
 def _print_failures(result) -> None:
@@ -312,25 +278,76 @@ def _print_failures(result) -> None:
 
 
 def cmd_lineage(args) -> int:
-    from lalp_resources.lineage import lineage_report
-    from lalp_resources.settings import Settings
+    from lalp_resources.lineage import format_report, lineage_report
 
-    os.environ.setdefault("DAGSTER_HOME", str(dagster_home()))
-    report = lineage_report(args.response_id, Settings().warehouse)
+    settings = _settings(args)
+    settings.export_dagster_home()  # the run details come from this Dagster instance
+    report = lineage_report(args.response_id, settings.warehouse)
     if report is None:
-        print(f"error: response_id {args.response_id!r} is not in the warehouse", file=sys.stderr)
+        print(f"error: response_id {args.response_id!r} is not in the warehouse {settings.warehouse}", file=sys.stderr)
         return 2
-    print(json.dumps(report, indent=2, default=str) if args.json else report_text(report))
+    print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
     return 0
 
 
-def report_text(r: dict) -> str:
-    from lalp_resources.lineage import format_report
+# --- lalp forget ------------------------------------------------------------------------------
 
-    return format_report(r)
+FORGET_TABLES = ["raw_teacher_traces", "reasoning_steps", "step_scores", "galp_scores", "response_scores",
+                 "teacher_rankings", "selection_decisions", "curated_sft_dataset", "quarantine"]
+
+
+def cmd_forget(args) -> int:
+    """Remove a teacher's rows from every table and its partition. Ranking and curated set are
+    not recomputed here: the automation sensor (or `lalp run`) refreshes them."""
+    from lalp_resources.warehouse import Warehouse, transaction
+
+    settings = _settings(args)
+    wh = Warehouse(settings.warehouse, data_path=settings.lake_data_path or None)
+    with wh.connect(read_only=True) as con:
+        counts = {t: con.execute(f"SELECT count(*) FROM {t} WHERE teacher = ?", [args.teacher]).fetchone()[0] for t in FORGET_TABLES}
+    print(f"teacher {args.teacher!r} has: " + ", ".join(f"{t}: {n}" for t, n in counts.items()))
+    if not any(counts.values()):
+        print(f"nothing to forget: no rows for teacher {args.teacher!r} in {settings.warehouse}")
+    if not args.yes:
+        print("dry run: pass --yes to delete these rows (the score cache is kept: it is keyed by content, not teacher)")
+        return 0
+    with wh.connect() as con, transaction(con):
+        for t in FORGET_TABLES:
+            con.execute(f"DELETE FROM {t} WHERE teacher = ?", [args.teacher])
+    from lalp_assets.instance import open_instance
+    from lalp_assets.partitions import teacher_partitions
+
+    instance = open_instance(settings)
+    if instance.has_dynamic_partition(teacher_partitions.name, args.teacher):
+        instance.delete_dynamic_partition(teacher_partitions.name, args.teacher)
+        print(f"removed partition {args.teacher!r}")
+    print(f"deleted {sum(counts.values())} rows of teacher {args.teacher!r}; "
+          "re-run rank_and_curate_job (or `lalp run`) to refresh the ranking and the curated set")
+    return 0
+
+
+def _settings(args) -> Settings:
+    """The settings for this command: `LALP_*` variables, then this command's flags."""
+    over = {}
+    for flag, field in (("model", "model"), ("segmenter", "segmenter"), ("window", "window"), ("template", "template"),
+                        ("device", "device"), ("dtype", "dtype"), ("format", "source_format"),
+                        ("teacher_mode", "teacher_mode"), ("max_response_chars", "max_response_chars"),
+                        ("max_prompt_chars", "max_prompt_chars"), ("llm_url", "llm_url"), ("llm_model", "llm_model"),
+                        ("warehouse", "warehouse"), ("max_prompts", "max_prompts")):
+        v = getattr(args, flag, None)
+        if v is not None:
+            over[field] = v
+    if getattr(args, "all", False):
+        over["max_prompts"] = 0
+    if getattr(args, "source", None):
+        over["sources"] = tuple(args.source)
+    return Settings.from_env(**over)
 
 
 # --- parser -----------------------------------------------------------------------------------
+
+
+FORMATS = ["auto", "canonical", "messages", "zeroeval", "champ"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -348,34 +365,44 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("score", help="score canonical JSONL/Parquet traces to steps.parquet and responses.parquet")
     s.add_argument("input", nargs="+")
     s.add_argument("--out", required=True)
-    s.add_argument("--model", default="smollm2", help="smollm2 (embedded), a local HF dir, a .gguf, or a hub id")
-    s.add_argument("--segmenter", default="paragraph", choices=["paragraph", "line", "sentence", "llm"])
-    s.add_argument("--window", default="fixed:4", help="fixed:K or fraction:R")
-    s.add_argument("--template", default="chat", choices=["chat", "plain"])
-    s.add_argument("--device", default="auto")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
-    s.add_argument("--format", default="auto", choices=["auto", "canonical", "messages", "zeroeval", "champ"])
-    s.add_argument("--max-prompts", type=int, default=0)
+    s.add_argument("--model", help="smollm2 (embedded), a local HF dir, a .gguf, or a hub id (LALP_MODEL)")
+    s.add_argument("--segmenter", choices=["paragraph", "line", "sentence", "llm"], help="(LALP_SEGMENTER)")
+    s.add_argument("--window", help="fixed:K or fraction:R (LALP_WINDOW)")
+    s.add_argument("--template", choices=["chat", "plain"], help="(LALP_TEMPLATE)")
+    s.add_argument("--device", help="(LALP_DEVICE)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], help="(LALP_DTYPE)")
+    s.add_argument("--format", choices=FORMATS, help="(LALP_FORMAT)")
+    # this command scores the whole input it is given, unless told to sample
+    s.add_argument("--max-prompts", type=int, default=0, help="score a deterministic sample of this many prompts (0 = all)")
     s.add_argument("--approx", action="store_true",
                    help="opt-in approximate single pass (step-sliding mask); faster, not exact (see README)")
-    s.add_argument("--max-response-chars", type=int, default=200_000)
-    s.add_argument("--llm-url", default=os.environ.get("LALP_LLM_URL", ""))
-    s.add_argument("--llm-model", default=os.environ.get("LALP_LLM_MODEL", ""))
+    s.add_argument("--max-response-chars", type=int, help="(LALP_MAX_RESPONSE_CHARS)")
+    s.add_argument("--max-prompt-chars", type=int, help="(LALP_MAX_PROMPT_CHARS)")
+    s.add_argument("--llm-url", help="(LALP_LLM_URL)")
+    s.add_argument("--llm-model", help="(LALP_LLM_MODEL)")
     s.set_defaults(fn=cmd_score)
 
     i = sub.add_parser("ingest", help="read traces (any adapter) into canonical Parquet plus a quarantine")
     i.add_argument("source", nargs="+")
     i.add_argument("--out", required=True)
-    i.add_argument("--format", default="auto", choices=["auto", "canonical", "messages", "zeroeval", "champ"])
-    i.add_argument("--teacher-mode", default="model", choices=["model", "model+setting"])
-    i.add_argument("--max-response-chars", type=int, default=200_000)
+    i.add_argument("--format", choices=FORMATS, help="(LALP_FORMAT)")
+    i.add_argument("--teacher-mode", choices=["model", "model+setting"], help="(LALP_TEACHER_MODE)")
+    i.add_argument("--max-response-chars", type=int, help="(LALP_MAX_RESPONSE_CHARS)")
+    i.add_argument("--max-prompt-chars", type=int, help="(LALP_MAX_PROMPT_CHARS)")
     i.add_argument("--show", type=int, default=20, help="print this many quarantine details")
     i.set_defaults(fn=cmd_ingest)
 
     ln = sub.add_parser("lineage", help="the chain from a curated row back to its teacher, file and runs")
     ln.add_argument("response_id")
     ln.add_argument("--json", action="store_true")
+    ln.add_argument("--warehouse", help="the warehouse to read (LALP_WAREHOUSE); opened read-only")
     ln.set_defaults(fn=cmd_lineage)
+
+    f = sub.add_parser("forget", help="remove a teacher that left the sources from every table (dry run without --yes)")
+    f.add_argument("teacher")
+    f.add_argument("--yes", action="store_true", help="delete (without it, only report what would be deleted)")
+    f.add_argument("--warehouse", help="(LALP_WAREHOUSE)")
+    f.set_defaults(fn=cmd_forget)
     return p
 
 

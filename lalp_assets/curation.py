@@ -8,12 +8,15 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
+from lalp_assets.metadata import check_result, table_metadata
+from lalp_assets.versions import curated_version, ensure_version
+from lalp_resources import expectations as gx_suites
+from lalp_resources.markdown import markdown_table
 from lalp_resources.method.aggregation import select_responses, sft_messages
 from lalp_resources.report import md_image, mix_plot, write_report
-from lalp_assets.common import SETTINGS, check_result, markdown_table, table_metadata
-from lalp_resources import expectations as gx_suites
 from lalp_resources.resources import PipelineSettingsResource, WarehouseResource
-from lalp_resources.warehouse import query, replace_all
+from lalp_assets.rankings import PLOT_SAMPLE
+from lalp_resources.warehouse import insert, query, transaction
 
 EXPORT_FIELDS = ["prompt_id", "teacher", "response_id", "lalp", "galp", "source_uri", "source_sha256"]
 
@@ -42,7 +45,7 @@ def _save_hf_dataset(curated: pl.DataFrame, target: Path) -> None:
     import datasets
 
     rows = curated.select(EXPORT_FIELDS + ["messages"]).with_columns(
-        pl.col("messages").map_elements(json.loads, return_dtype=pl.List(pl.Struct({"role": pl.Utf8, "content": pl.Utf8})))
+        pl.col("messages").str.json_decode(pl.List(pl.Struct({"role": pl.Utf8, "content": pl.Utf8})))
     )
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -51,61 +54,70 @@ def _save_hf_dataset(curated: pl.DataFrame, target: Path) -> None:
     tmp.replace(target)
 
 
-@dg.asset(
-    group_name="selection",
-    kinds={"duckdb", "polars"},
-    deps=["response_scores", "teacher_rankings"],
-    code_version=f"curated@1|require_correct={SETTINGS.require_correct}",
-    automation_condition=dg.AutomationCondition.eager(),
-    check_specs=[
-        dg.AssetCheckSpec("one_row_per_prompt_traceable", asset="curated_sft_dataset", blocking=True,
-                          description="GX: at most one row per prompt; every row joins back to a raw trace"),
-    ],
-    description="The fine-tuning set: for each prompt, the response with the highest LALP among eligible "
-    "ones (verified correct where a reference answer exists). Every candidate's decision and reason is "
-    "in `selection_decisions`. Exported as chat JSONL and Parquet.",
-)
-def curated_sft_dataset(context: dg.AssetExecutionContext, warehouse: WarehouseResource, settings: PipelineSettingsResource):
-    wh = warehouse.get()
-    with wh.connect() as con:
-        cand = query(
-            con,
-            "SELECT s.response_id, s.prompt_id, s.teacher, s.lalp, s.galp, s.score_run_id, r.is_correct, "
-            "r.reference_answer, r.verify_reason, r.prompt, r.response, r.source_uri, r.source_sha256, r.ingest_run_id "
-            "FROM response_scores s JOIN raw_teacher_traces r USING (response_id)",
+def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
+    @dg.asset(
+        name="curated_sft_dataset",
+        group_name="selection",
+        kinds={"duckdb", "polars"},
+        deps=["response_scores", "teacher_rankings"],
+        code_version=curated_version(settings),
+        automation_condition=dg.AutomationCondition.eager(),
+        check_specs=[
+            dg.AssetCheckSpec("one_row_per_prompt_traceable", asset="curated_sft_dataset", blocking=True,
+                              description="GX: at most one row per prompt; every row joins back to a raw trace"),
+        ],
+        description="The fine-tuning set: for each prompt, the response with the highest LALP among eligible "
+        "ones (verified correct where a reference answer exists). Every candidate's decision and reason is "
+        "in `selection_decisions`. Exported as chat JSONL and Parquet.",
+    )
+    def curated_sft_dataset(context: dg.AssetExecutionContext, warehouse: WarehouseResource, settings: PipelineSettingsResource):
+        ensure_version(context, curated_version(settings))
+        wh = warehouse.get()
+        with wh.connect(read_only=True) as con:
+            cand = query(
+                con,
+                "SELECT s.response_id, s.prompt_id, s.teacher, s.lalp, s.galp, s.score_run_id, r.is_correct, "
+                "r.reference_answer, r.verify_reason, r.prompt, r.response, r.source_uri, r.source_sha256, r.ingest_run_id "
+                "FROM response_scores s JOIN raw_teacher_traces r USING (response_id)",
+            )
+            raw_ids = query(con, "SELECT response_id FROM raw_teacher_traces")["response_id"]
+        run_id = context.run.run_id
+        decisions, chosen = select_responses(cand, require_correct=settings.require_correct)
+        curated = chosen.with_columns(
+            pl.Series("messages", [sft_messages(p, r) for p, r in chosen.select("prompt", "response").iter_rows()], dtype=pl.Utf8),
+            pl.lit(run_id).alias("select_run_id"),
         )
-        raw_ids = query(con, "SELECT response_id FROM raw_teacher_traces")["response_id"]
-    run_id = context.run.run_id
-    decisions, chosen = select_responses(cand, require_correct=settings.require_correct)
-    curated = chosen.with_columns(
-        pl.struct("prompt", "response").map_elements(lambda r: sft_messages(r["prompt"], r["response"]), return_dtype=pl.Utf8).alias("messages"),
-        pl.lit(run_id).alias("select_run_id"),
-    )
-    with wh.connect() as con:
-        replace_all(con, "curated_sft_dataset", curated)
-        replace_all(con, "selection_decisions", decisions.with_columns(pl.lit(run_id).alias("select_run_id")))
-    paths = export_curated(curated, Path(settings.exports))
-    mix = curated.group_by("teacher").agg(pl.len().alias("rows")).with_columns(
-        (pl.col("rows") / max(curated.height, 1) * 100).round(1).alias("percent")
-    ).sort("rows", descending=True)
-    n_prompts = decisions["prompt_id"].n_unique()
-    with wh.connect() as con:
-        rk = query(con, "SELECT * FROM teacher_rankings")
-        steps = query(con, "SELECT teacher, mean_logprob FROM step_scores")
-        cfg = query(con, "SELECT DISTINCT student, segmenter_version, window_spec, template, dtype FROM response_scores")
-    report = write_report(
-        Path(settings.exports) / "report", rk, steps, mix, decisions,
-        cfg.row(0, named=True) if cfg.height == 1 else {"configs": cfg.height},
-    )
-    context.log.info(f"curated {curated.height} of {n_prompts} prompts; teacher mix:\n{markdown_table(mix)}\nwrote {paths}")
-    yield dg.MaterializeResult(
-        metadata=table_metadata(
-            curated.drop("prompt", "response", "messages"), "curated_sft_dataset",
-            teacher_mix=dg.MetadataValue.md(markdown_table(mix)),
-            prompts_considered=n_prompts, prompts_without_eligible=n_prompts - curated.height,
-            teacher_mix_plot=dg.MetadataValue.md(md_image(mix_plot(mix), "teacher mix")),
-            jsonl=dg.MetadataValue.path(paths["jsonl"]), parquet=dg.MetadataValue.path(paths["parquet"]),
-            hf_dataset=dg.MetadataValue.path(paths["hf_dataset"]), report=dg.MetadataValue.path(str(report)),
+        mix = curated.group_by("teacher").agg(pl.len().alias("rows")).with_columns(
+            (pl.col("rows") / max(curated.height, 1) * 100).round(1).alias("percent")
+        ).sort("rows", descending=True)
+        n_prompts = decisions["prompt_id"].n_unique()
+        with wh.connect(read_only=True) as con:
+            rk = query(con, "SELECT * FROM teacher_rankings")
+            steps = query(con, f"SELECT teacher, mean_logprob FROM step_scores {PLOT_SAMPLE}")
+            cfg = query(con, "SELECT DISTINCT student, segmenter_version, window_spec, template, dtype FROM response_scores")
+        # pictures, report and exports first: a failure there leaves the tables as they were
+        mix_picture = md_image(mix_plot(mix), "teacher mix")
+        report = write_report(
+            Path(settings.exports) / "report", rk, steps, mix, decisions,
+            cfg.row(0, named=True) if cfg.height == 1 else {"configs": cfg.height},
         )
-    )
-    yield check_result("one_row_per_prompt_traceable", gx_suites.curated_suite(curated, raw_ids))
+        paths = export_curated(curated, Path(settings.exports))
+        with wh.connect() as con, transaction(con):
+            for table, frame in (("curated_sft_dataset", curated),
+                                 ("selection_decisions", decisions.with_columns(pl.lit(run_id).alias("select_run_id")))):
+                con.execute(f"DELETE FROM {table}")
+                insert(con, table, frame)
+        context.log.info(f"curated {curated.height} of {n_prompts} prompts; teacher mix:\n{markdown_table(mix)}\nwrote {paths}")
+        yield dg.MaterializeResult(
+            metadata=table_metadata(
+                curated.drop("prompt", "response", "messages"), "curated_sft_dataset",
+                teacher_mix=dg.MetadataValue.md(markdown_table(mix)),
+                prompts_considered=n_prompts, prompts_without_eligible=n_prompts - curated.height,
+                teacher_mix_plot=dg.MetadataValue.md(mix_picture),
+                jsonl=dg.MetadataValue.path(paths["jsonl"]), parquet=dg.MetadataValue.path(paths["parquet"]),
+                hf_dataset=dg.MetadataValue.path(paths["hf_dataset"]), report=dg.MetadataValue.path(str(report)),
+            )
+        )
+        yield check_result("one_row_per_prompt_traceable", gx_suites.curated_suite(curated, raw_ids))
+
+    return curated_sft_dataset

@@ -1,15 +1,20 @@
-"""The one `Definitions` object of the LALP pipeline (workspace.yaml points here)."""
+"""The one `Definitions` object of the LALP pipeline.
 
+`build_defs(settings)` is the whole graph for one configuration: resources made from the
+settings, and asset code versions computed from those same resources. `workspace.yaml` loads
+`defs` below, which reads the settings from the environment once, when the code location loads;
+`lalp run` builds its settings from its flags and calls `build_defs` itself.
+"""
+
+from __future__ import annotations
+
+import warnings
 
 import dagster as dg
 
-from lalp_assets.automation import automation_sensor, inbox_sensor, rank_and_curate_job, rescore_schedule, score_teachers_job
-from lalp_assets.common import SETTINGS
-from lalp_assets.curation import curated_sft_dataset
-from lalp_assets.ingest import raw_teacher_traces
-from lalp_assets.rankings import teacher_rankings
-from lalp_assets.scores import response_scores, step_scores
-from lalp_assets.steps import reasoning_steps
+from lalp_assets import curation, ingest, rankings, scores, steps
+from lalp_assets.automation import automation_sensor, build_inbox_sensor, build_jobs, build_rescore_schedule
+from lalp_assets.partitions import backfill_policy, scoring_partitions, teacher_partitions
 from lalp_resources.resources import (
     PipelineSettingsResource,
     SegmentationResource,
@@ -17,39 +22,61 @@ from lalp_resources.resources import (
     TraceSourcesResource,
     WarehouseResource,
 )
+from lalp_resources.settings import Settings
 
-ASSETS = [raw_teacher_traces, reasoning_steps, step_scores, response_scores, teacher_rankings, curated_sft_dataset]
+# backfill_policy and pools are marked beta/preview in this Dagster release; used knowingly.
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
+warnings.filterwarnings("ignore", category=getattr(dg, "PreviewWarning", dg.BetaWarning))
 
 
-def build_resources(settings=SETTINGS) -> dict:
+def build_resources(s: Settings) -> dict:
     return {
-        "warehouse": WarehouseResource(path=settings.warehouse, lock_timeout_s=settings.warehouse_lock_timeout_s),
+        "warehouse": WarehouseResource(path=s.warehouse, lake_data_path=s.lake_data_path, lock_timeout_s=s.warehouse_lock_timeout_s),
         "trace_sources": TraceSourcesResource(
-            sources=list(settings.sources), inbox=settings.inbox, format=settings.source_format,
-            teacher_mode=settings.teacher_mode, max_response_chars=settings.max_response_chars,
+            sources=list(s.sources), inbox=s.inbox, format=s.source_format, teacher_mode=s.teacher_mode,
+            max_prompt_chars=s.max_prompt_chars, max_response_chars=s.max_response_chars,
+            max_teacher_chars=s.max_teacher_chars, max_prompt_id_chars=s.max_prompt_id_chars,
+            inbox_settle_s=s.inbox_settle_s,
         ),
         "student": StudentModelResource(
-            model=settings.model, device=settings.device, dtype=settings.dtype, group_tokens=settings.group_tokens
+            model=s.model, device=s.device, dtype=s.dtype, cache_dir=s.cache_dir,
+            row_tokens=s.row_tokens, batch_tokens=s.batch_tokens, group_tokens=s.group_tokens,
         ),
-        "segmentation": SegmentationResource(method=settings.segmenter, llm_url=settings.llm_url, llm_model=settings.llm_model),
+        "segmentation": SegmentationResource(
+            method=s.segmenter, llm_url=s.llm_url, llm_model=s.llm_model, llm_timeout_s=s.llm_timeout_s,
+            # the key is resolved by Dagster at run time and never shown in the UI
+            llm_api_key=dg.EnvVar("LALP_LLM_API_KEY") if Settings.env_var_set("LALP_LLM_API_KEY") else s.llm_api_key,
+        ),
         "settings": PipelineSettingsResource(
-            window=settings.window, template=settings.template, max_prompts=settings.max_prompts,
-            require_correct=settings.require_correct, bootstrap=settings.bootstrap, exports=settings.exports,
-            staging_dir=settings.staging_dir,
+            window=s.window, template=s.template, max_prompts=s.max_prompts, max_prompt_tokens=s.max_prompt_tokens,
+            max_response_tokens=s.max_response_tokens, require_correct=s.require_correct, bootstrap=s.bootstrap,
+            exports=s.exports, shards=s.shards,
         ),
     }
 
 
-defs = dg.Definitions(
-    assets=ASSETS,
-    resources=build_resources(),
-    jobs=[score_teachers_job, rank_and_curate_job],
-    sensors=[inbox_sensor, automation_sensor],
-    schedules=[rescore_schedule],
-)
+def build_defs(settings: Settings) -> dg.Definitions:
+    res = build_resources(settings)
+    backfill = backfill_policy(settings)
+    assets = [
+        ingest.build(res["trace_sources"], teacher_partitions, backfill),
+        steps.build(res["segmentation"], res["student"], res["settings"], teacher_partitions, backfill),
+        scores.build_step_scores(res["student"], res["settings"], scoring_partitions(settings.shards), backfill, settings.k8s_gpu),
+        scores.build_response_scores(settings.shards, teacher_partitions, backfill),
+        rankings.build(res["settings"]),
+        curation.build(res["settings"]),
+    ]
+    jobs = build_jobs(settings)
+    return dg.Definitions(
+        assets=assets,
+        resources=res,
+        jobs=list({id(j): j for j in jobs.values()}.values()),
+        sensors=[build_inbox_sensor(jobs["score_teachers_job"]), automation_sensor],
+        schedules=[build_rescore_schedule(settings, jobs["rescore_job"])],
+    )
 
 
-def score_teachers_job_def() -> dg.JobDefinition:
-    """The per-teacher job, importable by name: `dg.reconstructable(score_teachers_job_def)` lets
-    `execute_job` run it through the multiprocess executor (each step in its own process)."""
-    return defs.resolve_job_def("score_teachers_job")
+@dg.definitions
+def defs() -> dg.Definitions:
+    """The code location's entry point: settings from the environment, read once, here."""
+    return build_defs(Settings.from_env())

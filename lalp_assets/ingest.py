@@ -1,83 +1,105 @@
-"""Stage 1: raw teacher traces -> `raw_teacher_traces` (+ `quarantine`, `ingest_runs`)."""
+"""Stage 1: raw teacher traces -> `raw_teacher_traces` (+ `quarantine`, `source_files`, `ingest_runs`).
+
+Each source file is read at most once per content hash, whatever the number of teacher
+partitions or runs (`lalp_resources.pipeline.sync_sources`); a partition then takes its
+teacher's rows from the current file versions. A selected teacher with no rows in the current
+sources keeps its earlier data, and the run says so: only `lalp forget TEACHER` removes a teacher.
+"""
 
 
 import json
-from datetime import datetime, timezone
 
 import dagster as dg
 import polars as pl
 
-from lalp_assets.common import BACKFILL, SETTINGS, markdown_table, table_metadata, teacher_partitions, check_result
+from lalp_assets.metadata import check_result, table_metadata
+from lalp_assets.partitions import Scope, scope_of
+from lalp_assets.versions import ensure_version, ingest_version
+from lalp_resources import adapters
 from lalp_resources import expectations as gx_suites
+from lalp_resources.markdown import markdown_table
+from lalp_resources.pipeline import assemble_traces, sync_sources, utcnow
 from lalp_resources.resources import TraceSourcesResource, WarehouseResource
-from lalp_resources.warehouse import insert, replace_teachers
+from lalp_resources.warehouse import insert, transaction
 
 CHECKS = [
     dg.AssetCheckSpec("traces_valid", asset="raw_teacher_traces", blocking=True,
                       description="GX: non-null keys, unique response_id, non-empty responses"),
     dg.AssetCheckSpec("counts_reconcile", asset="raw_teacher_traces", blocking=True,
-                      description="GX: rows read = accepted + quarantined"),
+                      description="GX: per source file and for the selected teachers, rows read = accepted + quarantined"),
 ]
 
 
-@dg.asset(
-    partitions_def=teacher_partitions,
-    backfill_policy=BACKFILL,
-    group_name="ingest",
-    kinds={"duckdb", "polars"},
-    code_version=f"ingest@1|{SETTINGS.teacher_mode}|{SETTINGS.source_format}",
-    check_specs=CHECKS,
-    description=(
-        "Teacher traces in the canonical shape (prompt_id, prompt, teacher, response, reference_answer) "
-        "with provenance (source_uri, source_sha256, source_row, ingest_run_id) and the verified final "
-        "answer. Rows that cannot be used go to the `quarantine` table with their reason; "
-        "rows read = accepted + quarantined."
-    ),
-)
-def raw_teacher_traces(context: dg.AssetExecutionContext, warehouse: WarehouseResource, trace_sources: TraceSourcesResource):
-    teachers = list(context.partition_keys)
-    sources = trace_sources.all_sources()
-    context.log.info(f"reading {len(sources)} source(s) for teacher(s) {teachers}: {sources}")
-    result = trace_sources.ingest(sources)
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
-    run_id = context.run.run_id
-    mine = result.traces.filter(pl.col("teacher").is_in(teachers)).with_columns(
-        pl.lit(run_id).alias("ingest_run_id"), pl.lit(now).alias("ingested_at")
+def build(trace_sources: TraceSourcesResource, partitions_def, backfill) -> dg.AssetsDefinition:
+    @dg.asset(
+        name="raw_teacher_traces",
+        partitions_def=partitions_def,
+        backfill_policy=backfill,
+        group_name="ingest",
+        kinds={"duckdb", "polars"},
+        code_version=ingest_version(trace_sources),
+        check_specs=CHECKS,
+        description=(
+            "Teacher traces in the canonical shape (prompt_id, prompt, teacher, response, reference_answer) "
+            "with provenance (source_uri, source_sha256, source_row, ingest_run_id) and the verified final "
+            "answer. Rows that cannot be used go to the `quarantine` table with their reason; "
+            "rows read = accepted + quarantined. Each file is read once per content hash."
+        ),
     )
-    missing = sorted(set(teachers) - set(mine["teacher"].unique().to_list()))
-    if missing:
-        context.log.warning(f"no accepted traces for partition(s) {missing} in the configured sources")
-    unpartitioned = sorted(set(result.traces["teacher"].unique().to_list()) - set(context.instance.get_dynamic_partitions("teacher")))
-    if unpartitioned:
+    def raw_teacher_traces(context: dg.AssetExecutionContext, warehouse: WarehouseResource, trace_sources: TraceSourcesResource):
+        ensure_version(context, ingest_version(trace_sources))
+        scope = scope_of(context)
+        wh = warehouse.get()
+        items = adapters.expand_sources(trace_sources.all_sources())
+        run_id = context.run.run_id
+        files = sync_sources(wh, items, trace_sources.read_one, adapters.file_sha256, run_id, trace_sources.format,
+                             log=context.log.info)
+        fresh = [f for f in files if f.new]
+        context.log.info(f"{len(files)} source file(s): {len(fresh)} read now, {len(files) - len(fresh)} unchanged since an earlier read")
+        traces, dups = assemble_traces(wh, files, scope.teachers)
+        yield from _write(context, wh, scope, files, traces, dups)
+
+    return raw_teacher_traces
+
+
+def _write(context, wh, scope: Scope, files, traces: pl.DataFrame, dups: pl.DataFrame):
+    run_id, now = context.run.run_id, utcnow()
+    present = set(traces["teacher"].unique().to_list())
+    kept = [t for t in scope.teachers if t not in present]
+    if kept:
         context.log.warning(
-            f"teachers {unpartitioned} are in the sources but have no partition yet: the inbox sensor or "
-            "`lalp run` registers them"
+            f"no accepted traces for teacher(s) {kept} in the current sources: their earlier traces and scores are kept "
+            "unchanged. If a teacher has left for good, remove it with `lalp forget TEACHER`."
         )
-    quarantine = result.quarantine.with_columns(pl.lit(run_id).alias("ingest_run_id"), pl.lit(now).alias("quarantined_at"))
-    summary = result.summary()
-    wh = warehouse.get()
-    with wh.connect() as con:
-        replace_teachers(con, "raw_teacher_traces", teachers, mine)
-        # re-reading a file replaces its quarantine rows (idempotent), other files' rows stay
-        shas = quarantine["source_sha256"].unique().to_list() + result.traces["source_sha256"].unique().to_list()
-        con.execute("DELETE FROM quarantine WHERE source_sha256 IN (SELECT unnest(?))", [shas])
-        insert(con, "quarantine", quarantine)
-        insert(
-            con, "ingest_runs",
-            pl.DataFrame([{
-                "ingest_run_id": run_id, "sources": json.dumps(sources), "n_read": summary["read"],
-                "n_accepted": summary["accepted"], "n_quarantined": summary["quarantined"],
-                "by_reason": json.dumps(summary["by_reason"]), "ingested_at": now,
-            }]),
-            mode="replace",
-        )
-    by_source = (
-        pl.concat([
-            result.traces.group_by("source_uri").agg(pl.len().alias("accepted")).with_columns(pl.lit(0, pl.UInt32).alias("quarantined")),
-            result.quarantine.group_by("source_uri").agg(pl.len().alias("quarantined")).with_columns(pl.lit(0, pl.UInt32).alias("accepted")).select("source_uri", "accepted", "quarantined"),
-        ])
-        .group_by("source_uri").agg(pl.col("accepted").sum(), pl.col("quarantined").sum()).sort("source_uri")
+    replaced = [t for t in scope.teachers if t in present]
+    mine = traces.with_columns(pl.lit(run_id).alias("ingest_run_id"), pl.lit(now).alias("ingested_at"))
+    with wh.connect() as con, transaction(con):
+        con.execute("DELETE FROM raw_teacher_traces WHERE teacher IN (SELECT unnest(?))", [replaced])
+        insert(con, "raw_teacher_traces", mine)
+        con.execute("DELETE FROM quarantine WHERE stage = 'assemble' AND teacher IN (SELECT unnest(?))", [replaced])
+        insert(con, "quarantine", dups.with_columns(
+            pl.lit("assemble").alias("stage"), pl.lit(run_id).alias("ingest_run_id"), pl.lit(now).alias("quarantined_at")))
+        insert(con, "ingest_runs", pl.DataFrame([{
+            "ingest_run_id": run_id, "sources": json.dumps([f.item for f in files]),
+            "n_read": sum(f.n_read for f in files), "n_accepted": sum(f.n_accepted for f in files),
+            "n_quarantined": sum(f.n_quarantined for f in files),
+            "by_reason": json.dumps({"duplicate_across_files": dups.height}), "ingested_at": now,
+        }]), mode="replace")
+    per_file = pl.DataFrame(
+        [{"source": f.item, "sha256": f.source_sha256[:12], "read_now": f.new, "n_read": f.n_read,
+          "n_accepted": f.n_accepted, "n_quarantined": f.n_quarantined} for f in files],
+        schema={"source": pl.Utf8, "sha256": pl.Utf8, "read_now": pl.Boolean, "n_read": pl.Int64,
+                "n_accepted": pl.Int64, "n_quarantined": pl.Int64},
     )
+    with wh.connect(read_only=True) as con:
+        by_reason = dict(con.execute(
+            "SELECT reason, count(*) FROM quarantine WHERE source_sha256 IN (SELECT unnest(?)) GROUP BY reason ORDER BY 2 DESC",
+            [[f.source_sha256 for f in files]]).fetchall())
+        # the selected teachers' rows in the current files: accepted here, or quarantined as duplicates
+        n_teacher_rows = con.execute(
+            "SELECT count(*) FROM (SELECT DISTINCT source_sha256, source_row FROM source_traces "
+            "WHERE source_sha256 IN (SELECT unnest(?)) AND teacher IN (SELECT unnest(?)))",
+            [[f.source_sha256 for f in files], scope.teachers]).fetchone()[0]
     per_teacher = mine.group_by("teacher").agg(
         pl.len().alias("responses"), pl.col("prompt_id").n_unique().alias("prompts"),
         pl.col("is_correct").cast(pl.Float64).mean().alias("accuracy"),
@@ -85,17 +107,20 @@ def raw_teacher_traces(context: dg.AssetExecutionContext, warehouse: WarehouseRe
     yield dg.MaterializeResult(
         metadata=table_metadata(
             mine.drop("prompt", "response"), "raw_teacher_traces",
-            rows_read=summary["read"], rows_accepted=summary["accepted"], rows_quarantined=summary["quarantined"],
-            quarantined_by_reason=dg.MetadataValue.json(summary["by_reason"]),
-            per_source=dg.MetadataValue.md(markdown_table(by_source)),
+            files=len(files), files_read_now=sum(f.new for f in files),
+            rows_read=int(per_file["n_read"].sum() or 0), rows_accepted=int(per_file["n_accepted"].sum() or 0),
+            rows_quarantined=int(per_file["n_quarantined"].sum() or 0), duplicates_across_files=dups.height,
+            quarantined_by_reason=dg.MetadataValue.json(by_reason),
+            teachers_kept_without_sources=dg.MetadataValue.json(kept),
+            per_source=dg.MetadataValue.md(markdown_table(per_file)),
             per_teacher=dg.MetadataValue.md(markdown_table(per_teacher)),
         )
     )
     yield check_result("traces_valid", gx_suites.raw_traces_suite(mine))
-    yield check_result(
-        "counts_reconcile",
-        gx_suites.reconciliation_suite(pl.DataFrame([{
-            "source_uri": ",".join(sources), "n_read": summary["read"],
-            "n_accepted": summary["accepted"], "n_quarantined": summary["quarantined"],
-        }])),
-    )
+    reconcile = pl.concat([
+        per_file.select(pl.col("source").alias("source_uri"), "n_read", "n_accepted", "n_quarantined"),
+        pl.DataFrame([{"source_uri": f"teachers {scope.teachers}", "n_read": n_teacher_rows,
+                       "n_accepted": mine.height, "n_quarantined": dups.height}],
+                     schema={"source_uri": pl.Utf8, "n_read": pl.Int64, "n_accepted": pl.Int64, "n_quarantined": pl.Int64}),
+    ])
+    yield check_result("counts_reconcile", gx_suites.reconciliation_suite(reconcile))

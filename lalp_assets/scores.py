@@ -1,28 +1,27 @@
 """Stage 3: steps -> `step_scores` (the student's mean log-prob per step, in its window) and
-`response_scores` (LALP beside GALP per response)."""
+`response_scores` (LALP beside GALP per response).
+
+`step_scores` commits each engine chunk (cache rows first) in one transaction, so a killed run
+resumes from the cache. With `LALP_SHARDS` > 1 it is partitioned by teacher × shard; on a
+cluster the warehouse is DuckLake and any number of scoring runs commit concurrently.
+"""
 
 
-import os
 import time
 
 import dagster as dg
 import polars as pl
 
-from lalp_resources.method.aggregation import lalp_from_steps, spans_by_response
-from lalp_assets.common import BACKFILL, SETTINGS, check_result, score_config, table_metadata, teacher_partitions
+from lalp_assets.metadata import check_result, table_metadata
+from lalp_assets.partitions import Scope, by_teacher, scope_of
+from lalp_assets.versions import RESPONSES, ensure_version, score_version
 from lalp_resources import expectations as gx_suites
-from lalp_resources.engine import ScoreItem
+from lalp_resources.markdown import markdown_table
+from lalp_resources.pipeline import aggregate_responses, score_chunks, score_items, with_shard
 from lalp_resources.resources import PipelineSettingsResource, StudentModelResource, WarehouseCache, WarehouseResource
-from lalp_resources.staging import DuckDBSink, ParquetSink, StagedCache, load_staged
-from lalp_resources.warehouse import query, replace_teachers
+from lalp_resources.warehouse import insert, query, transaction
 
-# On Kubernetes (dagster_home/deploy/), each scoring step's pod requests one GPU.
-GPU_OP_TAGS = (
-    {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
-    if os.environ.get("LALP_K8S_GPU") == "1" else {}
-)
-
-SCORE_CODE_VERSION = f"score@1|{SETTINGS.model}|{SETTINGS.dtype}|{SETTINGS.window}|{SETTINGS.template}"
+K8S_GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
 
 
 def progress_logger(log, every_s: float = 10.0):
@@ -44,191 +43,153 @@ def progress_logger(log, every_s: float = 10.0):
     return report
 
 
-def chunk_frames(chunk, meta_cols: pl.DataFrame, traces: pl.DataFrame, cfg: dict, run_id: str, namespace: str) -> dict:
-    """One committed engine chunk as the rows of `score_cache`, `step_scores` and `galp_scores`."""
-    step_df = pl.DataFrame(
-        [{"response_id": s.response_id, "step_index": s.step_index, "n_tokens": s.n_tokens,
-          "sum_logprob": s.sum_logprob, "mean_logprob": s.mean_logprob, "cache_hit": s.cached} for s in chunk.steps],
-        schema={"response_id": pl.Utf8, "step_index": pl.Int32, "n_tokens": pl.Int32, "sum_logprob": pl.Float64,
-                "mean_logprob": pl.Float64, "cache_hit": pl.Boolean},
-    ).join(meta_cols, on=["response_id", "step_index"]).with_columns(
-        *[pl.lit(v).alias(k) for k, v in cfg.items() if k not in ("segmenter", "segmenter_version")],
-        pl.lit(run_id).alias("score_run_id"),
-    )
-    galp_df = pl.DataFrame(
-        [{"response_id": r.response_id, "galp": r.galp, "galp_tokens": r.galp_tokens} for r in chunk.responses],
-        schema={"response_id": pl.Utf8, "galp": pl.Float64, "galp_tokens": pl.Int32},
-    ).join(traces.select("response_id", "teacher"), on="response_id").with_columns(pl.lit(run_id).alias("score_run_id"))
-    cache_df = pl.DataFrame(
-        chunk.new_cache_rows, schema={"key": pl.Utf8, "sum_logprob": pl.Float64, "n_tokens": pl.Int32}, orient="row"
-    ).with_columns(pl.lit(namespace).alias("namespace"), pl.lit(run_id).alias("created_run_id"))
-    # cache first: a chunk's scores never land without the cache rows that produced them
-    return {"score_cache": cache_df, "step_scores": step_df, "galp_scores": galp_df}
+def _in_scope(df: pl.DataFrame, scope: Scope, shards: int) -> pl.DataFrame:
+    if scope.shards is None or df.height == 0:
+        return df
+    df = with_shard(df, shards)
+    keep = pl.lit(False)
+    for t, ss in scope.shards.items():
+        keep = keep | ((pl.col("teacher") == t) & pl.col("shard").is_in(sorted(ss)))
+    return df.filter(keep).drop("shard")
 
 
-def items_for(steps: pl.DataFrame, traces: pl.DataFrame) -> list[ScoreItem]:
-    spans = spans_by_response(steps)
-    return [
-        ScoreItem(rid, prompt, text, spans[rid])
-        for rid, prompt, text in traces.select("response_id", "prompt", "response").iter_rows()
-        if rid in spans
-    ]
-
-
-@dg.asset(
-    partitions_def=teacher_partitions,
-    backfill_policy=BACKFILL,
-    group_name="scoring",
-    kinds={"torch", "duckdb"},
-    deps=["reasoning_steps"],
-    pool="gpu",
-    op_tags=GPU_OP_TAGS,
-    code_version=SCORE_CODE_VERSION,
-    check_specs=[
-        dg.AssetCheckSpec("step_scores_valid", asset="step_scores", blocking=True,
-                          description="GX: every step has a finite score <= 0 and at least one scored token"),
-    ],
-    description=(
-        "Per step: the student's mean log-probability of the step's tokens given the prompt and the "
-        "window's preceding steps (LALP_WINDOW, default fixed:4). Exact packed engine with a score "
-        "cache: only windows never scored before reach the model. Results commit in chunks, so a "
-        "killed run resumes from the cache. With LALP_STAGING_DIR set (cluster mode) the chunks go to "
-        "per-partition Parquet there, and response_scores loads them into DuckDB."
-    ),
-)
-def step_scores(
-    context: dg.AssetExecutionContext,
-    warehouse: WarehouseResource,
-    student: StudentModelResource,
-    settings: PipelineSettingsResource,
-):
-    teachers = list(context.partition_keys)
-    wh = warehouse.get()
-    with wh.connect(read_only=True) as con:
-        steps = query(
-            con, "SELECT * FROM reasoning_steps WHERE teacher IN (SELECT unnest(?)) ORDER BY response_id, step_index", [teachers]
-        )
-        traces = query(
-            con,
-            "SELECT response_id, prompt_id, teacher, prompt, response FROM raw_teacher_traces "
-            "WHERE response_id IN (SELECT DISTINCT response_id FROM reasoning_steps WHERE teacher IN (SELECT unnest(?))) "
-            "ORDER BY prompt_id, teacher",
-            [teachers],
-        )
-    run_id = context.run.run_id
-    if settings.staging_dir:  # cluster mode: Parquet for the serialized load in response_scores
-        sink, cache = ParquetSink(settings.staging_dir, run_id, teachers), StagedCache(wh, settings.staging_dir)
-    else:
-        sink, cache = DuckDBSink(wh, teachers), WarehouseCache(wh)
-    sink.begin()
-    items = items_for(steps, traces)
-    st = student.load()
-    engine = student.engine(settings.template, settings.window, cache=cache)
-    meta_cols = steps.select("response_id", "step_index", "prompt_id", "teacher", "segmenter", "segmenter_version",
-                             "source_uri", "source_sha256", "ingest_run_id")
-    cfg = score_config(
-        st.fingerprint, steps["segmenter"][0] if steps.height else "", steps["segmenter_version"][0] if steps.height else "",
-        st.dtype, settings.window, settings.template,
+def build_step_scores(student, settings, partitions_def, backfill, k8s_gpu: bool) -> dg.AssetsDefinition:
+    @dg.asset(
+        name="step_scores",
+        partitions_def=partitions_def,
+        backfill_policy=backfill,
+        group_name="scoring",
+        kinds={"torch", "duckdb"},
+        deps=[dg.AssetDep("reasoning_steps", partition_mapping=by_teacher(settings.shards))],
+        pool="gpu",
+        op_tags=K8S_GPU_TAGS if k8s_gpu else {},
+        code_version=score_version(student, settings),
+        check_specs=[
+            dg.AssetCheckSpec("step_scores_valid", asset="step_scores", blocking=True,
+                              description="GX: every step has a finite score <= 0 and at least one scored token"),
+        ],
+        description=(
+            "Per step: the student's mean log-probability of the step's tokens given the prompt and the "
+            "window's preceding steps (LALP_WINDOW, default fixed:4). Exact packed engine with a score "
+            "cache: only windows never scored before reach the model. Results commit in chunks, so a "
+            "killed run resumes from the cache. Partitioned by teacher (× shard with LALP_SHARDS > 1)."
+        ),
     )
-    context.log.info(
-        f"scoring {len(items)} responses ({steps.height} steps) of {teachers} with {st.fingerprint} on "
-        f"{st.device}/{st.dtype}; writing to {sink.describe()}"
-    )
-    t0 = time.perf_counter()
-    for chunk in engine.score(items, progress=progress_logger(context.log)):
-        sink.write(chunk_frames(chunk, meta_cols, traces, cfg, run_id, engine.namespace))
-    sink.finish()
-    secs = time.perf_counter() - t0
-    stats = engine.stats
-    context.log.info(
-        f"windows: {stats.windows_total} total, {stats.windows_scored} sent to the model, "
-        f"{stats.windows_cached} from the cache; {stats.tokens_forwarded} tokens in {secs:.1f}s"
-    )
-    if stats.windows_over_context:
-        context.log.warning(
-            f"{stats.windows_over_context} window(s) are longer than the student's trained context "
-            f"({getattr(st.model.config, 'max_position_embeddings', '?')} tokens): scored in full, not truncated, "
-            "but such scores are less reliable; consider a smaller window (LALP_WINDOW) or a longer-context student"
-        )
-    written = sink.written("step_scores")
-    if written.width == 0:  # nothing staged: an empty frame with the table's columns
+    def step_scores(context: dg.AssetExecutionContext, warehouse: WarehouseResource, student: StudentModelResource,
+                    settings: PipelineSettingsResource):
+        ensure_version(context, score_version(student, settings))
+        scope = scope_of(context)
+        wh = warehouse.get()
         with wh.connect(read_only=True) as con:
-            written = query(con, "SELECT * FROM step_scores LIMIT 0")
-    yield dg.MaterializeResult(
-        metadata=table_metadata(
-            written.drop("source_uri", "source_sha256"), "step_scores",
-            written_to=sink.describe(),
-            windows_total=stats.windows_total, windows_scored=stats.windows_scored, windows_cached=stats.windows_cached,
-            windows_over_context=stats.windows_over_context,
-            tokens_forwarded=stats.tokens_forwarded, seconds=round(secs, 2),
-            tokens_per_s=round(stats.tokens_forwarded / secs, 1) if secs else 0.0,
-            student=st.fingerprint, device=st.device, dtype=st.dtype, window=settings.window, template=settings.template,
+            steps = query(con, "SELECT * FROM reasoning_steps WHERE teacher IN (SELECT unnest(?)) ORDER BY response_id, step_index",
+                          [scope.teachers])
+            traces = query(
+                con,
+                "SELECT response_id, prompt_id, teacher, prompt, response FROM raw_teacher_traces "
+                "WHERE response_id IN (SELECT DISTINCT response_id FROM reasoning_steps WHERE teacher IN (SELECT unnest(?))) "
+                "ORDER BY prompt_id, teacher",
+                [scope.teachers],
+            )
+            previous = query(con, "SELECT response_id, prompt_id, teacher FROM galp_scores JOIN "
+                                  "(SELECT DISTINCT response_id, prompt_id FROM step_scores) USING (response_id) "
+                                  "WHERE teacher IN (SELECT unnest(?))", [scope.teachers])
+        steps, traces = _in_scope(steps, scope, settings.shards), _in_scope(traces, scope, settings.shards)
+        stale = _in_scope(previous, scope, settings.shards).filter(~pl.col("response_id").is_in(traces["response_id"].implode()))
+        run_id = context.run.run_id
+        items = score_items(steps, traces)
+        st = student.load()
+        engine = student.engine(settings.template, settings.window, cache=WarehouseCache(wh))
+        meta = steps.select("response_id", "step_index", "prompt_id", "teacher", "segmenter", "segmenter_version",
+                            "source_uri", "source_sha256", "ingest_run_id")
+        teacher_of = traces.select("response_id", "teacher")
+        cfg = {"student": st.fingerprint, "window_spec": settings.window, "template": settings.template, "dtype": st.dtype}
+        context.log.info(f"scoring {len(items)} responses ({steps.height} steps) of {scope.describe()} with {st.fingerprint} "
+                         f"on {st.device}/{st.dtype}")
+        t0 = time.perf_counter()
+        with wh.connect() as con, transaction(con):  # this scope's old rows go; responses no longer in it too
+            ids = traces["response_id"].to_list() + stale["response_id"].to_list()
+            con.execute("DELETE FROM step_scores WHERE response_id IN (SELECT unnest(?))", [ids])
+            con.execute("DELETE FROM galp_scores WHERE response_id IN (SELECT unnest(?))", [ids])
+        written = 0
+        for frames in score_chunks(engine, items, progress=progress_logger(context.log)):
+            step_rows = frames["step_scores"].join(meta, on=["response_id", "step_index"]).with_columns(
+                *[pl.lit(v).alias(k) for k, v in cfg.items()], pl.lit(run_id).alias("score_run_id"))
+            galp_rows = frames["galp_scores"].join(teacher_of, on="response_id").with_columns(pl.lit(run_id).alias("score_run_id"))
+            with wh.connect() as con, transaction(con):  # cache first: scores never land without their cache rows
+                insert(con, "score_cache", frames["score_cache"].with_columns(pl.lit(run_id).alias("created_run_id")), mode="ignore")
+                insert(con, "step_scores", step_rows, mode="replace")
+                insert(con, "galp_scores", galp_rows, mode="replace")
+            written += step_rows.height
+        secs = time.perf_counter() - t0
+        stats = engine.stats
+        context.log.info(f"windows: {stats.windows_total} total, {stats.windows_scored} sent to the model, "
+                         f"{stats.windows_cached} from the cache; {stats.tokens_forwarded} tokens in {secs:.1f}s")
+        if stats.windows_over_context:
+            context.log.warning(
+                f"{stats.windows_over_context} window(s) are longer than the student's trained context "
+                f"({getattr(st.model.config, 'max_position_embeddings', '?')} tokens): scored in full, not truncated, "
+                "but such scores are less reliable; consider a smaller window (LALP_WINDOW) or a longer-context student"
+            )
+        with wh.connect(read_only=True) as con:
+            mine = query(con, "SELECT * FROM step_scores WHERE response_id IN (SELECT unnest(?))", [traces["response_id"].to_list()])
+        yield dg.MaterializeResult(
+            metadata=table_metadata(
+                mine.drop("source_uri", "source_sha256"), "step_scores",
+                windows_total=stats.windows_total, windows_scored=stats.windows_scored, windows_cached=stats.windows_cached,
+                windows_over_context=stats.windows_over_context,
+                tokens_forwarded=stats.tokens_forwarded, seconds=round(secs, 2),
+                tokens_per_s=round(stats.tokens_forwarded / secs, 1) if secs else 0.0,
+                student=st.fingerprint, device=st.device, dtype=st.dtype, window=settings.window, template=settings.template,
+            )
         )
+        yield check_result("step_scores_valid", gx_suites.step_scores_suite(mine))
+
+    return step_scores
+
+
+def build_response_scores(shards: int, partitions_def, backfill) -> dg.AssetsDefinition:
+    @dg.asset(
+        name="response_scores",
+        partitions_def=partitions_def,
+        backfill_policy=backfill,
+        group_name="scoring",
+        kinds={"duckdb", "polars"},
+        deps=[dg.AssetDep("step_scores", partition_mapping=by_teacher(shards))],
+        code_version=RESPONSES,
+        automation_condition=dg.AutomationCondition.eager() if shards > 1 else None,
+        check_specs=[
+            dg.AssetCheckSpec("every_response_scored", asset="response_scores", blocking=True,
+                              description="GX: every response with steps has LALP and GALP"),
+        ],
+        description="Per response: LALP (mean of its step scores, steps weighted equally) beside GALP "
+        "(mean token log-prob of the whole response given the prompt), with the answer's correctness. "
+        "Per teacher: with shards, it waits for every shard of its teacher.",
     )
-    yield check_result("step_scores_valid", gx_suites.step_scores_suite(written))
-
-
-@dg.asset(
-    partitions_def=teacher_partitions,
-    backfill_policy=BACKFILL,
-    group_name="scoring",
-    kinds={"duckdb", "polars"},
-    deps=["step_scores"],
-    pool="warehouse",
-    code_version="response_scores@1",
-    check_specs=[
-        dg.AssetCheckSpec("every_response_scored", asset="response_scores", blocking=True,
-                          description="GX: every response with steps has LALP and GALP"),
-    ],
-    description="Per response: LALP (mean of its step scores, steps weighted equally) beside GALP "
-    "(mean token log-prob of the whole response given the prompt), with the answer's correctness. "
-    "With LALP_STAGING_DIR set, first loads the scoring workers' staged Parquet into DuckDB; the "
-    "`warehouse` pool (limit 1) makes that the one serialized writer.",
-)
-def response_scores(context: dg.AssetExecutionContext, warehouse: WarehouseResource, settings: PipelineSettingsResource):
-    teachers = list(context.partition_keys)
-    wh = warehouse.get()
-    load = {}
-    if settings.staging_dir:
-        def run_over(run_id: str) -> bool:  # a staged folder's worker is done (or unknown here)
-            run = context.instance.get_run_by_id(run_id)
-            return run is None or run.is_finished
-
-        rep = load_staged(wh, settings.staging_dir, teachers, run_finished=run_over)
-        context.log.info(f"staging {settings.staging_dir}: {rep.describe()}")
-        if rep.waiting:
-            context.log.warning(f"incomplete staged runs left in place (running, or died; their cache is reused): {rep.waiting}")
-        load = {"staged_runs_loaded": dg.MetadataValue.json(rep.loaded), "staged_rows_loaded": dg.MetadataValue.json(rep.rows)}
-    with wh.connect() as con:
-        steps = query(con, "SELECT * FROM step_scores WHERE teacher IN (SELECT unnest(?))", [teachers])
-        galp = query(con, "SELECT response_id, galp, galp_tokens FROM galp_scores WHERE teacher IN (SELECT unnest(?))", [teachers])
-        with_steps = query(
-            con, "SELECT DISTINCT response_id FROM reasoning_steps WHERE teacher IN (SELECT unnest(?))", [teachers]
+    def response_scores(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
+        teachers = scope_of(context).teachers
+        wh = warehouse.get()
+        with wh.connect(read_only=True) as con:
+            steps = query(con, "SELECT * FROM step_scores WHERE teacher IN (SELECT unnest(?))", [teachers])
+            galp = query(con, "SELECT response_id, galp, galp_tokens FROM galp_scores WHERE teacher IN (SELECT unnest(?))", [teachers])
+            with_steps = query(con, "SELECT DISTINCT response_id FROM reasoning_steps WHERE teacher IN (SELECT unnest(?))", [teachers])
+            raw = query(
+                con, "SELECT response_id, prompt_id, teacher, is_correct, source_uri, source_sha256, ingest_run_id "
+                "FROM raw_teacher_traces WHERE teacher IN (SELECT unnest(?))", [teachers],
+            )
+        present = sorted(set(raw["teacher"].unique().to_list()))
+        cfg_cols = ["student", "segmenter", "segmenter_version", "window_spec", "template", "dtype", "score_run_id"]
+        cfg = steps.group_by("response_id").agg([pl.col(c).first() for c in cfg_cols])
+        df = aggregate_responses(steps, galp).join(raw, on="response_id", how="inner").join(cfg, on="response_id", how="left")
+        with wh.connect() as con, transaction(con):
+            con.execute("DELETE FROM response_scores WHERE teacher IN (SELECT unnest(?))", [present])
+            insert(con, "response_scores", df)
+        summary = df.group_by("teacher").agg(
+            pl.len().alias("responses"), pl.col("lalp").mean().alias("mean_lalp"), pl.col("galp").mean().alias("mean_galp")
+        ).sort("teacher")
+        yield dg.MaterializeResult(
+            metadata=table_metadata(df.drop("source_uri", "source_sha256"), "response_scores",
+                                    per_teacher=dg.MetadataValue.md(markdown_table(summary)))
         )
-        raw = query(
-            con, "SELECT response_id, prompt_id, teacher, is_correct, source_uri, source_sha256, ingest_run_id "
-            "FROM raw_teacher_traces WHERE teacher IN (SELECT unnest(?))", [teachers],
-        )
-    cfg_cols = ["student", "segmenter", "segmenter_version", "window_spec", "template", "dtype", "score_run_id"]
-    cfg = steps.group_by("response_id").agg([pl.col(c).first() for c in cfg_cols])
-    df = (
-        lalp_from_steps(steps)
-        .join(galp, on="response_id", how="left")
-        .join(raw, on="response_id", how="inner")
-        .join(cfg, on="response_id", how="left")
-    )
-    with wh.connect() as con:
-        replace_teachers(con, "response_scores", teachers, df)
-    summary = df.group_by("teacher").agg(
-        pl.len().alias("responses"), pl.col("lalp").mean().alias("mean_lalp"), pl.col("galp").mean().alias("mean_galp")
-    ).sort("teacher")
-    from lalp_assets.common import markdown_table
+        yield check_result("every_response_scored", gx_suites.response_scores_suite(with_steps, df))
 
-    yield dg.MaterializeResult(
-        metadata=table_metadata(
-            df.drop("source_uri", "source_sha256"), "response_scores",
-            per_teacher=dg.MetadataValue.md(markdown_table(summary)),
-            **load,
-        )
-    )
-    yield check_result("every_response_scored", gx_suites.response_scores_suite(with_steps, df))
+    return response_scores

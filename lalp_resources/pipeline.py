@@ -1,0 +1,257 @@
+"""The pipeline's stages as plain functions, shared by the Dagster assets (`lalp_assets/`) and
+the `lalp score` / `lalp ingest` commands, so that both front doors compute the same thing:
+
+    ingest (adapters) -> token caps -> segment -> build items -> score (engine) -> aggregate
+    -> rank -> select
+
+LALP and GALP are aggregated in one place, `aggregate_responses`. No Dagster import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import polars as pl
+
+from lalp_resources import adapters
+from lalp_resources.method.aggregation import lalp_from_steps, rank_teachers, select_responses, spans_by_response, steps_frame  # noqa: F401
+from lalp_resources.method.tokenization import merge_unscored_steps
+
+Segmenter = Callable[[str], tuple[list[tuple[int, int]], "str | None"]]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+# ---------------------------------------------------------------------------------- sharding
+
+
+def shard_of(prompt_id: str, shards: int) -> int:
+    """A prompt's scoring shard: a stable hash of `prompt_id` (the same on every machine and run)."""
+    if shards <= 1:
+        return 0
+    return int.from_bytes(hashlib.sha256(prompt_id.encode("utf-8", "surrogatepass")).digest()[:8], "big") % shards
+
+
+def with_shard(df: pl.DataFrame, shards: int) -> pl.DataFrame:
+    ids = df["prompt_id"].unique().to_list()
+    table = pl.DataFrame({"prompt_id": ids, "shard": [shard_of(p, shards) for p in ids]},
+                         schema={"prompt_id": pl.Utf8, "shard": pl.Int32})
+    return df.join(table, on="prompt_id", how="left")
+
+
+# ---------------------------------------------------------------------------------- token caps
+
+
+def token_caps(traces: pl.DataFrame, tokenizer, max_prompt_tokens: int, max_response_tokens: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split traces into (kept, rejected): prompts or responses with more student tokens than the
+    caps are not scored. The character caps at ingest bound memory first, so this tokenization
+    is bounded too. `rejected` carries the quarantine columns with the limit in the detail."""
+    if traces.height == 0:
+        return traces, _token_rejects(traces.head(0), [])
+    reasons: list[tuple[str, str] | None] = []
+    for prompt, response in traces.select("prompt", "response").iter_rows():
+        n_p = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if max_prompt_tokens else 0
+        if max_prompt_tokens and n_p > max_prompt_tokens:
+            reasons.append(("prompt_too_many_tokens", f"prompt is {n_p:,} student tokens; limit LALP_MAX_PROMPT_TOKENS={max_prompt_tokens}"))
+            continue
+        n_r = len(tokenizer(response, add_special_tokens=False)["input_ids"]) if max_response_tokens else 0
+        if max_response_tokens and n_r > max_response_tokens:
+            reasons.append(("response_too_many_tokens", f"response is {n_r:,} student tokens; limit LALP_MAX_RESPONSE_TOKENS={max_response_tokens}"))
+            continue
+        reasons.append(None)
+    bad = pl.Series([r is not None for r in reasons], dtype=pl.Boolean)
+    return traces.filter(~bad), _token_rejects(traces.filter(bad), [r for r in reasons if r is not None])
+
+
+def _token_rejects(rows: pl.DataFrame, reasons: list[tuple[str, str]]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "source_uri": rows["source_uri"] if rows.height else [], "source_sha256": rows["source_sha256"] if rows.height else [],
+            "source_row": rows["source_row"] if rows.height else [], "format": rows["format"] if rows.height else [],
+            "reason": [r for r, _ in reasons], "detail": [d for _, d in reasons],
+            "raw_excerpt": [f"prompt_id={p} teacher={t}"[:200] for p, t in rows.select("prompt_id", "teacher").iter_rows()] if rows.height else [],
+            "prompt_id": rows["prompt_id"] if rows.height else [], "teacher": rows["teacher"] if rows.height else [],
+        },
+        schema={"source_uri": pl.Utf8, "source_sha256": pl.Utf8, "source_row": pl.Int64, "format": pl.Utf8, "reason": pl.Utf8,
+                "detail": pl.Utf8, "raw_excerpt": pl.Utf8, "prompt_id": pl.Utf8, "teacher": pl.Utf8},
+    )
+
+
+# ---------------------------------------------------------------------------------- segment
+
+
+def segment_traces(traces: pl.DataFrame, segment_fn: Segmenter, tokenizer) -> pl.DataFrame:
+    """One row per step. Segment, then merge steps that own no student token into a neighbour."""
+
+    def segment(text: str):
+        spans, note = segment_fn(text)
+        return merge_unscored_steps(tokenizer, text, spans), note
+
+    return steps_frame(traces, segment)
+
+
+# ---------------------------------------------------------------------------------- score
+
+
+def score_items(steps: pl.DataFrame, traces: pl.DataFrame) -> list:
+    """The engine's input: one item per response that has steps, in the traces' order."""
+    from lalp_resources.engine import ScoreItem
+
+    spans = spans_by_response(steps)
+    return [
+        ScoreItem(rid, prompt, text, spans[rid])
+        for rid, prompt, text in traces.select("response_id", "prompt", "response").iter_rows()
+        if rid in spans
+    ]
+
+
+STEP_SCORE_SCHEMA = {"response_id": pl.Utf8, "step_index": pl.Int32, "n_tokens": pl.Int32, "sum_logprob": pl.Float64,
+                     "mean_logprob": pl.Float64, "cache_hit": pl.Boolean}
+GALP_SCHEMA = {"response_id": pl.Utf8, "galp": pl.Float64, "galp_tokens": pl.Int32}
+
+
+def chunk_frames(chunk, namespace: str) -> dict[str, pl.DataFrame]:
+    """One engine chunk as frames: `step_scores` (bare), `galp_scores` (bare), `score_cache`."""
+    steps = pl.DataFrame(
+        [(s.response_id, s.step_index, s.n_tokens, s.sum_logprob, s.mean_logprob, s.cached) for s in chunk.steps],
+        schema=STEP_SCORE_SCHEMA, orient="row",
+    )
+    galp = pl.DataFrame([(r.response_id, r.galp, r.galp_tokens) for r in chunk.responses], schema=GALP_SCHEMA, orient="row")
+    cache = pl.DataFrame(
+        chunk.new_cache_rows, schema={"key": pl.Utf8, "sum_logprob": pl.Float64, "n_tokens": pl.Int32}, orient="row"
+    ).with_columns(pl.lit(namespace).alias("namespace"))
+    return {"score_cache": cache, "step_scores": steps, "galp_scores": galp}
+
+
+def score_chunks(engine, items: Sequence, progress=None) -> Iterable[dict[str, pl.DataFrame]]:
+    """Score items with the engine, yielding committed chunks as frames (see `chunk_frames`)."""
+    for chunk in engine.score(items, progress=progress):
+        yield chunk_frames(chunk, engine.namespace)
+
+
+# ---------------------------------------------------------------------------------- aggregate
+
+
+def aggregate_responses(step_scores: pl.DataFrame, galp: pl.DataFrame) -> pl.DataFrame:
+    """Per response: LALP (mean of its step scores, steps weighted equally) beside GALP. The one
+    place LALP is computed from step scores, for the assets and for `lalp score`."""
+    return lalp_from_steps(step_scores).join(galp.select("response_id", "galp", "galp_tokens"), on="response_id", how="left")
+
+
+# ---------------------------------------------------------------------------------- ingest ledger
+
+
+@dataclass(frozen=True)
+class FileVersion:
+    item: str           # the source spec as configured (a path, or `champ`)
+    source_uri: str
+    source_sha256: str
+    new: bool           # parsed in this run (False: this content was read before and is reused)
+    n_read: int
+    n_accepted: int
+    n_quarantined: int
+    teachers: tuple[str, ...]
+
+
+def file_stat(item: str) -> tuple[int, int] | None:
+    p = Path(item)
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def ledger_frame(fv: FileVersion, stat: tuple[int, int] | None, run_id: str, fmt: str) -> pl.DataFrame:
+    return pl.DataFrame([{
+        "item": fv.item, "source_uri": fv.source_uri, "source_sha256": fv.source_sha256,
+        "size": stat[0] if stat else None, "mtime_ns": stat[1] if stat else None, "format": fmt,
+        "n_read": fv.n_read, "n_accepted": fv.n_accepted, "n_quarantined": fv.n_quarantined,
+        "teachers": json.dumps(list(fv.teachers), ensure_ascii=False), "read_run_id": run_id, "read_at": utcnow(),
+    }])
+
+
+def _file_uri(item: str, result: adapters.IngestResult) -> str:
+    for frame in (result.traces, result.quarantine):
+        if frame.height and frame["source_uri"][0]:
+            return frame["source_uri"][0]
+    p = Path(item)
+    return p.resolve().as_uri() if p.exists() else item
+
+
+def sync_sources(wh, items: Sequence[str], read: Callable[[str], adapters.IngestResult], sha_of: Callable[[str], str],
+                 run_id: str, fmt: str, log=None) -> list[FileVersion]:
+    """Bring the warehouse's parsed copy of each source file up to date, reading each file at
+    most once per content hash: a file whose size and mtime are unchanged is not even hashed, and
+    content parsed before (by any run, for any teacher) is reused from `source_traces`. A changed
+    file's quarantine rows supersede those of its older content."""
+    from lalp_resources.warehouse import insert, query, transaction
+
+    with wh.connect(read_only=True) as con:
+        known = query(con, "SELECT item, source_uri, source_sha256, size, mtime_ns, n_read, n_accepted, n_quarantined, teachers "
+                           "FROM source_files ORDER BY read_at")
+    by_stat = {(r["item"], r["size"], r["mtime_ns"]): r for r in known.iter_rows(named=True) if r["size"] is not None}
+    by_sha = {r["source_sha256"]: r for r in known.iter_rows(named=True)}
+    out: list[FileVersion] = []
+    for item in items:
+        stat = file_stat(item)
+        memo = by_stat.get((item, *stat)) if stat else None
+        sha = memo["source_sha256"] if memo else sha_of(item)
+        if sha in by_sha:
+            r = by_sha[sha]
+            fv = FileVersion(item, r["source_uri"], sha, False, r["n_read"], r["n_accepted"], r["n_quarantined"],
+                             tuple(json.loads(r["teachers"])))
+            if not memo and stat:  # same content, new mtime (touched or copied): remember the stat
+                with wh.connect() as con:
+                    insert(con, "source_files", ledger_frame(fv, stat, run_id, fmt))
+            out.append(fv)
+            continue
+        res = read(item)
+        uri = _file_uri(item, res)
+        s = res.summary()
+        fv = FileVersion(item, uri, sha, True, s["read"], s["accepted"], s["quarantined"],
+                         tuple(sorted(res.traces["teacher"].unique().to_list())))
+        now = utcnow()
+        with wh.connect() as con, transaction(con):
+            con.execute("DELETE FROM source_traces WHERE source_uri = ? AND source_sha256 <> ?", [uri, sha])
+            con.execute("DELETE FROM quarantine WHERE source_uri = ? AND stage = 'read'", [uri])
+            con.execute("DELETE FROM source_files WHERE source_sha256 = ?", [sha])
+            con.execute("DELETE FROM source_traces WHERE source_sha256 = ?", [sha])
+            insert(con, "source_traces", res.traces.with_columns(pl.lit(run_id).alias("read_run_id")))
+            insert(con, "quarantine", res.quarantine.with_columns(
+                pl.lit("read").alias("stage"), pl.lit(run_id).alias("ingest_run_id"), pl.lit(now).alias("quarantined_at")))
+            insert(con, "source_files", ledger_frame(fv, stat, run_id, fmt))
+        if log:
+            log(f"read {item}: {s['read']} rows = {s['accepted']} accepted + {s['quarantined']} quarantined")
+        by_sha[sha] = {"source_uri": uri, "n_read": fv.n_read, "n_accepted": fv.n_accepted,
+                       "n_quarantined": fv.n_quarantined, "teachers": json.dumps(list(fv.teachers))}
+        out.append(fv)
+    return out
+
+
+def assemble_traces(wh, files: Sequence[FileVersion], teachers: Sequence[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The selected teachers' traces from the current file versions, deduplicated across files
+    (first file in source order wins). Returns (traces, duplicates as quarantine rows)."""
+    from lalp_resources.warehouse import query
+
+    order = {f.source_sha256: i for i, f in enumerate(files)}
+    with wh.connect(read_only=True) as con:
+        rows = query(
+            con,
+            "SELECT * EXCLUDE (read_run_id) FROM source_traces WHERE source_sha256 IN (SELECT unnest(?)) "
+            "AND teacher IN (SELECT unnest(?)) "
+            "QUALIFY row_number() OVER (PARTITION BY source_sha256, source_row ORDER BY read_run_id) = 1",
+            [list(order), list(teachers)],
+        )
+    if rows.height == 0:
+        return rows, adapters.dedupe(rows)[1]
+    rows = rows.with_columns(pl.col("source_sha256").replace_strict(order, return_dtype=pl.Int64).alias("_order")).sort(
+        "_order", "source_row").drop("_order")
+    return adapters.dedupe(rows)
