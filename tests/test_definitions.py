@@ -30,18 +30,21 @@ ASSETS = [
 PER_TEACHER = ASSETS[:4]
 
 
-def temp_dagster_home(tmp_path: Path) -> Path:
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-    return home
+from helpers import temp_dagster_home  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def defs():
-    from lalp_assets.definitions import defs as d
+def settings():
+    from lalp_resources.settings import Settings
 
-    return d
+    return Settings(dagster_home="/nonexistent/home")
+
+
+@pytest.fixture(scope="module")
+def defs(settings):
+    from lalp_assets.definitions import build_defs
+
+    return build_defs(settings)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +110,7 @@ def test_every_asset_is_documented_grouped_and_checked(defs, asset_graph, name):
 
 
 def test_per_teacher_assets_share_the_teacher_dynamic_partitions(asset_graph):
-    from lalp_assets.common import teacher_partitions
+    from lalp_assets.partitions import teacher_partitions
 
     for name in PER_TEACHER:
         pd = asset_graph.get(dg.AssetKey(name)).partitions_def
@@ -121,11 +124,6 @@ def test_per_teacher_assets_share_the_teacher_dynamic_partitions(asset_graph):
 def test_step_scores_runs_in_the_gpu_pool(defs, asset_graph):
     assert asset_graph.get(dg.AssetKey("step_scores")).pools == {"gpu"}
     assert defs.resolve_assets_def("step_scores").op.pool == "gpu"
-
-
-def test_the_duckdb_loader_runs_in_the_warehouse_pool(asset_graph):
-    # response_scores loads staged Parquet into DuckDB in cluster mode: one at a time
-    assert asset_graph.get(dg.AssetKey("response_scores")).pools == {"warehouse"}
 
 
 def test_checks_that_guard_a_downstream_stage_are_blocking(defs, asset_graph):
@@ -171,14 +169,93 @@ def test_jobs_sensors_schedules(defs):
         assert defs.resolve_assets_def(name).automation_conditions_by_key[dg.AssetKey(name)] is not None
 
 
-def test_resources_are_configured_from_settings(defs):
-    from lalp_assets.common import SETTINGS
-
+def test_resources_are_configured_from_settings(defs, settings):
     res = defs.resources
-    assert set(res) >= {"warehouse", "trace_sources", "student", "segmentation"}
-    assert res["warehouse"].path == SETTINGS.warehouse
-    assert list(res["trace_sources"].sources) == list(SETTINGS.sources)
-    assert res["segmentation"].method == SETTINGS.segmenter
+    assert set(res) >= {"warehouse", "trace_sources", "student", "segmentation", "settings"}
+    assert res["warehouse"].path == settings.warehouse == "/nonexistent/home/lalp.duckdb"
+    assert list(res["trace_sources"].sources) == list(settings.sources)
+    assert res["segmentation"].method == settings.segmenter
+    assert res["settings"].window == settings.window
+
+
+def test_code_versions_follow_the_settings():
+    """A setting that changes the data changes the code version of exactly the assets it feeds."""
+    from lalp_assets.definitions import build_defs
+    from lalp_resources.settings import Settings
+
+    def versions(s):
+        g = build_defs(s).resolve_asset_graph()
+        return {k.to_user_string(): g.get(k).code_version for k in g.get_all_asset_keys()}
+
+    base = versions(Settings())
+    changed = versions(Settings(window="fraction:0.25"))
+    assert {k for k in base if base[k] != changed[k]} == {"step_scores"}
+    assert "fraction:0.25" in changed["step_scores"]
+    seg = versions(Settings(segmenter="sentence"))
+    assert {k for k in base if base[k] != seg[k]} == {"reasoning_steps"}
+
+
+def test_definitions_snapshot(defs):
+    """The shape of the graph in one place: asset keys, checks, partitions, pools, code versions.
+    A change here is a change users see in the UI; update the snapshot on purpose."""
+    g = defs.resolve_asset_graph()
+    snap = {}
+    for key in sorted(g.get_all_asset_keys(), key=lambda k: k.to_user_string()):
+        node = g.get(key)
+        pd = node.partitions_def
+        snap[key.to_user_string()] = {
+            "partitions": None if pd is None else getattr(pd, "name", type(pd).__name__),
+            "pools": sorted(node.pools or []),
+            "checks": sorted(c.name for c in defs.resolve_assets_def(key).check_specs if c.asset_key == key),
+            "code_version": node.code_version,
+        }
+    assert snap == {
+        "curated_sft_dataset": {"partitions": None, "pools": [], "checks": ["one_row_per_prompt_traceable"],
+                                "code_version": "curated@2|require_correct=True"},
+        "raw_teacher_traces": {"partitions": "teacher", "pools": [], "checks": ["counts_reconcile", "traces_valid"],
+                               "code_version": "ingest@2|model|auto|chars=100000,200000,256,256"},
+        "reasoning_steps": {"partitions": "teacher", "pools": [], "checks": ["steps_tile_responses"],
+                            "code_version": "steps@2|paragraph||smollm2|max_prompts=5|tokens=8192,65536"},
+        "response_scores": {"partitions": "teacher", "pools": [], "checks": ["every_response_scored"],
+                            "code_version": "response_scores@2"},
+        "step_scores": {"partitions": "teacher", "pools": ["gpu"], "checks": ["step_scores_valid"],
+                        "code_version": "score@1|smollm2|auto|fixed:4|chat"},
+        "teacher_rankings": {"partitions": None, "pools": [], "checks": ["every_teacher_ranked"],
+                             "code_version": "rankings@2|bootstrap=1000"},
+    }
+
+
+def test_sharded_scoring_fans_out_over_teacher_and_shard():
+    from lalp_assets.definitions import build_defs
+    from lalp_resources.settings import Settings
+
+    d = build_defs(Settings(shards=4))
+    g = d.resolve_asset_graph()
+    pd = g.get(dg.AssetKey("step_scores")).partitions_def
+    assert isinstance(pd, dg.MultiPartitionsDefinition)
+    assert {dim.name for dim in pd.partitions_defs} == {"teacher", "shard"}
+    assert g.get(dg.AssetKey("response_scores")).partitions_def.name == "teacher"
+    assert d.resolve_job_def("score_shards_job").partitions_def == pd
+
+
+def test_a_run_with_other_resource_config_is_refused(tmp_path):
+    """The Launchpad can change a resource's config; the asset's code version would then describe
+    something else, so the run fails with a message naming both versions."""
+    from lalp_assets.definitions import build_defs
+    from lalp_resources.settings import Settings
+
+    s = Settings(dagster_home=str(tmp_path), bootstrap=50)
+    d = build_defs(s)
+    job = d.resolve_job_def("rank_and_curate_job")
+    with dg.instance_for_test() as instance:
+        result = job.execute_in_process(
+            instance=instance, raise_on_error=False,
+            run_config={"resources": {"settings": {"config": {**d.resources["settings"].model_dump(), "bootstrap": 7}}}},
+        )
+    assert not result.success
+    failures = [e for e in result.all_events if e.is_step_failure]
+    msg = failures[0].step_failure_data.error.message
+    assert "rankings@2|bootstrap=7" in msg and "rankings@2|bootstrap=50" in msg and "LALP_" in msg
 
 
 def test_rescore_schedule_requests_teacher_partitions(defs, tmp_path, monkeypatch):
