@@ -1,23 +1,65 @@
-"""The DuckDB warehouse: one file, one table per asset, plus the score cache and the quarantine.
+"""The warehouse: one table per asset, plus the score cache and the quarantine, on one of two backends
+that run the same SQL.
 
-Tables are owned through SQL (not an IO manager): the score cache needs upserts, and per-teacher
-partitions replace their own rows. Frames go in and out as Polars via Arrow. DuckDB allows one
-writing process, so `connect` retries on a lock conflict for a while and then fails with a
-message that says what to do.
+Which backend is chosen by the warehouse string (`LALP_WAREHOUSE`, `Warehouse(path, ...)`):
+
+  * a plain path, e.g. `dagster_home/lalp.duckdb`: **one DuckDB file** (the default, for a laptop).
+    DuckDB allows one writing process, so `connect` waits while another process holds the file's
+    lock and then fails with a message that says what to do (`WarehouseBusy`).
+  * `ducklake:postgres:<libpq dsn>`, e.g.
+    `ducklake:postgres:dbname=lake host=pg.lalp port=5432 user=lalp`: **DuckLake** with its catalog in
+    PostgreSQL and its data as Parquet files under a shared data path, for a cluster: many processes
+    read and commit at once. The data path is `Warehouse(..., data_path=...)` (`LALP_LAKE_DATA_PATH`),
+    or a `data_path=<folder>` key inside the DSN (`ducklake:postgres:dbname=lake host=pg data_path=/data/lake/`);
+    it is needed when the catalog is created and is read from the catalog afterwards. A URI DSN
+    (`postgresql://user@host/db`) takes it as a `?data_path=` query parameter. A password belongs in
+    the DSN's `password=` key or, better, in `PGPASSWORD`/`~/.pgpass`, which libpq reads.
+  * `ducklake:<file>.ducklake`: DuckLake with its catalog in a local DuckDB file (data path default
+    `<file>.ducklake.files/`): one writing process, like the plain file; handy for tests.
+
+DuckLake has no PRIMARY KEY / UNIQUE constraints, no INSERT OR REPLACE / ON CONFLICT and no indexes,
+so the same SQL serves both: the keys declared in `SCHEMA` are kept as metadata (`KEYS`), an upsert
+(`insert(..., mode="replace")`) is DELETE-by-key + INSERT in one transaction, `mode="ignore"` inserts
+only the keys not yet present, and a plain insert of a key already present fails on both backends
+(`duckdb.ConstraintException`). The DuckDB file keeps its PRIMARY KEYs as a second guard. `score_cache`
+rows are immutable (a key is a hash of everything that determines its score), so its upserts skip keys
+already present instead of rewriting them.
+
+Concurrency on DuckLake is optimistic: a transaction that collides with another's commit fails at
+COMMIT. DuckLake detects conflicts per table (two transactions that both delete from a table, or one
+deletes while the other inserts, collide) but not two inserts of the same new key; so every keyed or
+replacing write also bumps a one-row "fence" table (`lalp_fence.<table>`), which turns that case
+into a conflict too and makes upserts and partition replacements exactly-once. A conflicted
+transaction is retried with jittered backoff by `run_transaction(con, fn)` (and by `insert`,
+`replace_teachers` and `replace_all` when they own the transaction), a bounded number of times, then
+`WarehouseConflict` says what happened. A `with transaction(con):` block cannot be re-run: on
+conflict it raises `WarehouseConflict`; use `run_transaction` where other writers may be active.
+
+Frames go in and out as Polars via Arrow. Extensions are loaded from the `duckdb-extension-ducklake`
+and `duckdb-extension-postgres-scanner` wheels (pinned with duckdb); nothing is downloaded at run time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
+import os
+import random
+import re
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import duckdb
 import polars as pl
 
 log = logging.getLogger("lalp.warehouse")
+
+T = TypeVar("T")
 
 PROVENANCE = "source_uri VARCHAR, source_sha256 VARCHAR, ingest_run_id VARCHAR"
 SCORE_CONFIG = (
@@ -76,40 +118,206 @@ SCHEMA: dict[str, str] = {
         score_run_id VARCHAR, select_run_id VARCHAR""",
 }
 
+# Tables whose rows never change once written (the key determines the row): upserts skip
+# keys already present.
+IMMUTABLE_ROWS = frozenset({"score_cache"})
+
+LAKE_ALIAS = "lake"
+FENCE_SCHEMA = "lalp_fence"
+CONFLICT_RETRIES = 25          # attempts of one transaction on DuckLake before WarehouseConflict
+CONFLICT_MAX_DELAY_S = 2.0
+
 LOCK_HINTS = ("could not set lock", "conflicting lock", "database is locked")
+CONFLICT_HINTS = ("transaction conflict", "write-write conflict", "conflict on tuple", "conflict on update",
+                  "could not serialize access", "failed to commit ducklake transaction")
+
+
+# ----------------------------------------------------------------------------- schema metadata
+
+
+def _split_top_level(cols: str) -> list[str]:
+    out, depth, cur = [], 0, []
+    for ch in cols:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    if "".join(cur).strip():
+        out.append("".join(cur).strip())
+    return out
+
+
+def _parse_schema(cols: str) -> tuple[tuple[str, ...], str]:
+    """(declared key columns, the column list without PRIMARY KEY clauses; key columns NOT NULL)."""
+    keys: list[str] = []
+    plain: list[str] = []
+    for item in _split_top_level(" ".join(cols.split())):
+        m = re.fullmatch(r"PRIMARY KEY\s*\((.*)\)", item, flags=re.I)
+        if m:
+            keys += [k.strip() for k in m.group(1).split(",")]
+            continue
+        if re.search(r"\bPRIMARY KEY\b", item, flags=re.I):
+            keys.append(item.split()[0])
+            item = re.sub(r"\s*\bPRIMARY KEY\b", "", item, flags=re.I)
+        plain.append(item)
+    plain = [p if p.split()[0] not in keys or "NOT NULL" in p.upper() else f"{p} NOT NULL" for p in plain]
+    return tuple(keys), ", ".join(plain)
+
+
+KEYS: dict[str, tuple[str, ...]] = {}        # table -> its declared key columns (empty: no key)
+LAKE_SCHEMA: dict[str, str] = {}             # SCHEMA without PRIMARY KEY clauses (for DuckLake)
+for _name, _cols in SCHEMA.items():
+    KEYS[_name], LAKE_SCHEMA[_name] = _parse_schema(_cols)
+
+
+# ----------------------------------------------------------------------------- errors
 
 
 class WarehouseBusy(RuntimeError):
     pass
 
 
+class WarehouseConflict(WarehouseBusy):
+    """A DuckLake transaction kept colliding with other writers' commits (or could not be retried)."""
+
+
+class WarehouseMissing(FileNotFoundError):
+    """A read-only open of a warehouse that does not exist (nothing is created)."""
+
+
+def is_conflict(e: BaseException) -> bool:
+    msg = str(e).lower()
+    return isinstance(e, (duckdb.TransactionException, duckdb.Error)) and any(h in msg for h in CONFLICT_HINTS)
+
+
+# ----------------------------------------------------------------------------- target parsing
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str                 # "duckdb" | "ducklake"
+    path: Path | None         # the DuckDB file, or the local DuckLake catalog file
+    catalog: str | None       # DuckLake: what follows "ducklake:" in ATTACH ("postgres:<dsn>" or a file)
+    data_path: str | None     # DuckLake: where Parquet files go (None: the catalog's / DuckLake's default)
+
+    @property
+    def postgres(self) -> bool:
+        return bool(self.catalog and self.catalog.startswith("postgres:"))
+
+
+_DATA_PATH_KV = re.compile(r"(?:^|\s)data_path\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
+
+
+def parse_target(target: str | Path, data_path: str | None = None) -> Target:
+    """Split a warehouse string into its backend and parts (see the module docstring)."""
+    s = str(target)
+    if not s.startswith("ducklake:"):
+        return Target("duckdb", Path(s), None, None)
+    rest = s[len("ducklake:"):]
+    if rest.startswith("postgres:"):
+        dsn = rest[len("postgres:"):].strip()
+        if dsn.startswith(("postgres://", "postgresql://")):
+            parts = urlsplit(dsn)
+            q = parse_qsl(parts.query, keep_blank_values=True)
+            found = [v for k, v in q if k == "data_path"]
+            dsn = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in q if k != "data_path"])))
+        else:
+            found = [m.group(1) for m in _DATA_PATH_KV.finditer(dsn)]
+            found = [f[1:-1].replace("\\'", "'").replace("\\\\", "\\") if f.startswith("'") else f for f in found]
+            dsn = " ".join(_DATA_PATH_KV.sub(" ", dsn).split())
+        if not dsn:
+            raise ValueError(f"warehouse {_redact(s)!r}: `ducklake:postgres:` needs a libpq DSN, e.g. "
+                             "'ducklake:postgres:dbname=lake host=127.0.0.1 user=lalp'")
+        return Target("ducklake", None, f"postgres:{dsn}", data_path or (found[-1] if found else None))
+    if rest.startswith(("sqlite:", "mysql:")):
+        raise ValueError(f"warehouse {_redact(s)!r}: only PostgreSQL and local-file DuckLake catalogs are supported")
+    if not rest:
+        raise ValueError("warehouse 'ducklake:' needs a catalog: 'ducklake:postgres:<dsn>' or 'ducklake:<file>.ducklake'")
+    return Target("ducklake", Path(rest), rest, data_path)
+
+
+def _redact(s: str) -> str:
+    s = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", s)
+    return re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", s)
+
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def extension_path(name: str) -> Path:
+    """The extension shipped in the `duckdb-extension-<name>` wheel for this duckdb version."""
+    pkg = {"ducklake": "duckdb_extension_ducklake", "postgres_scanner": "duckdb_extension_postgres_scanner"}[name]
+    spec = importlib.util.find_spec(pkg)
+    wheel = f"duckdb-extension-{name.replace('_', '-')}=={duckdb.__version__}"
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"DuckLake needs the {name} extension: pip install '{wheel}' (it is in pyproject.toml)")
+    f = Path(list(spec.submodule_search_locations)[0]) / "extensions" / f"v{duckdb.__version__}" / f"{name}.duckdb_extension"
+    if not f.is_file():
+        raise RuntimeError(f"{f} is missing: the {name} extension wheel does not match duckdb {duckdb.__version__}; "
+                           f"pip install '{wheel}'")
+    return f
+
+
+# ----------------------------------------------------------------------------- the warehouse
+
+_BASES: dict[tuple, duckdb.DuckDBPyConnection] = {}   # attached DuckLake-on-PostgreSQL instances
+_BASES_LOCK = threading.Lock()
+
+
 class Warehouse:
-    def __init__(self, path: str | Path, lock_timeout_s: float = 120.0):
-        self.path = Path(path)
+    """`Warehouse(path, lock_timeout_s, data_path=None)`: `path` is the warehouse string (module
+    docstring); `data_path` the DuckLake data folder (overrides one given in the string)."""
+
+    def __init__(self, path: str | Path, lock_timeout_s: float = 120.0, data_path: str | None = None):
+        self.target = parse_target(path, data_path)
         self.lock_timeout_s = lock_timeout_s
+        self.spec = str(path)
+        # a Path for the DuckDB file (as before); the display string (password hidden) for DuckLake
+        self.path: Path | str = self.target.path if self.target.kind == "duckdb" else _redact(self.spec)
+
+    @property
+    def is_lake(self) -> bool:
+        return self.target.kind == "ducklake"
+
+    def describe(self) -> str:
+        t = self.target
+        if not self.is_lake:
+            return f"duckdb:{t.path}"
+        return f"ducklake:{_redact(t.catalog or '')}" + (f" (data {t.data_path})" if t.data_path else "")
+
+    def __repr__(self) -> str:
+        return f"Warehouse({self.describe()!r})"
+
+    def exists(self) -> bool:
+        """Whether the warehouse has been created (cheap for files; opens the catalog for PostgreSQL)."""
+        t = self.target
+        if t.path is not None:
+            return t.path.exists()
+        try:
+            with self.connect(read_only=True):
+                return True
+        except WarehouseMissing:
+            return False
 
     @contextlib.contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Open the file, waiting while another process holds the write lock."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        deadline = time.monotonic() + self.lock_timeout_s
-        delay = 0.2
-        while True:
-            try:
-                con = duckdb.connect(str(self.path), read_only=read_only and self.path.exists())
-                break
-            except duckdb.IOException as e:
-                if not any(h in str(e).lower() for h in LOCK_HINTS):
-                    raise
-                if time.monotonic() > deadline:
-                    raise WarehouseBusy(
-                        f"the warehouse {self.path} is locked by another process for over "
-                        f"{self.lock_timeout_s:.0f}s (DuckDB allows one writer). Wait for the other "
-                        f"run to finish, or give this run its own warehouse path, then retry. ({e})"
-                    ) from e
-                log.info("warehouse locked by another process; retrying in %.1fs", delay)
-                time.sleep(delay)
-                delay = min(delay * 1.5, 5.0)
+        """A DuckDB connection where the warehouse tables are addressable by their plain names.
+        Read-only on a warehouse that does not exist raises `WarehouseMissing` (a FileNotFoundError)
+        and creates nothing; a writable open creates it and its tables."""
+        t = self.target
+        if read_only and t.path is not None and not t.path.exists():
+            raise WarehouseMissing(
+                f"warehouse {t.path} does not exist; check LALP_WAREHOUSE (and that the pipeline has ingested "
+                f"at least once)" + (" -- a DuckLake catalog file" if self.is_lake else ""))
+        if not read_only and t.path is not None:
+            t.path.parent.mkdir(parents=True, exist_ok=True)
+        con = self._open_waiting(read_only)
         try:
             if not read_only:
                 ensure_schema(con)
@@ -117,19 +325,134 @@ class Warehouse:
         finally:
             con.close()
 
+    def _open_waiting(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        """Open, waiting while another process holds a DuckDB file lock (the file backend, or a
+        local DuckLake catalog file); retry a PostgreSQL catalog's first-use race."""
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.2
+        while True:
+            try:
+                return self._open(read_only)
+            except duckdb.Error as e:
+                low = str(e).lower()
+                locked = any(h in low for h in LOCK_HINTS)
+                racing = self.target.postgres and (is_conflict(e) or "duplicate key" in low or "already exists" in low)
+                if self.is_lake and ("does not exist" in low and "creating a new ducklake is explicitly disabled" in low):
+                    raise WarehouseMissing(
+                        f"warehouse {self.describe()} does not exist (no DuckLake catalog there); check LALP_WAREHOUSE"
+                    ) from e
+                if not (locked or racing):
+                    raise
+                if time.monotonic() > deadline:
+                    raise WarehouseBusy(
+                        f"the warehouse {self.describe()} is locked by another process for over "
+                        f"{self.lock_timeout_s:.0f}s (a DuckDB file allows one writer). Wait for the other "
+                        f"run to finish, or give this run its own warehouse path, then retry. ({e})"
+                    ) from e
+                log.info("warehouse busy (%s); retrying in %.1fs", "locked" if locked else "catalog race", delay)
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 1.5, 5.0)
+
+    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        t = self.target
+        if not self.is_lake:
+            return duckdb.connect(str(t.path), read_only=read_only)
+        if not t.postgres:
+            return self._attach(read_only)  # a local catalog file: never held open between uses (its lock)
+        # PostgreSQL catalog: loading the extensions and attaching costs ~0.3 s, so each process keeps
+        # one attached in-memory instance per (catalog, mode) and hands out cursors on it (a cursor is
+        # a connection of its own: its own transaction, `USE`, registrations).
+        key = (os.getpid(), t.catalog, t.data_path, read_only)
+        with _BASES_LOCK:
+            base = _BASES.get(key)
+            if base is None:
+                base = _BASES[key] = self._attach(read_only)
+        try:
+            cur = base.cursor()
+            cur.execute(f"USE {LAKE_ALIAS}")
+            return cur
+        except duckdb.Error:
+            with _BASES_LOCK:  # a broken instance (e.g. the server restarted): start over next time
+                if _BASES.get(key) is base:
+                    del _BASES[key]
+            raise
+
+    def _attach(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        t = self.target
+        # nothing may be fetched at run time: extensions come from the wheels
+        con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+        try:
+            if t.postgres:
+                con.execute(f"LOAD {_sql_str(str(extension_path('postgres_scanner')))}")
+            con.execute(f"LOAD {_sql_str(str(extension_path('ducklake')))}")
+            opts = []
+            if t.data_path and not read_only:
+                opts.append(f"DATA_PATH {_sql_str(t.data_path)}")
+            if read_only:
+                opts.append("READ_ONLY")
+            con.execute(f"ATTACH {_sql_str('ducklake:' + (t.catalog or ''))} AS {LAKE_ALIAS}"
+                        + (f" ({', '.join(opts)})" if opts else ""))
+            con.execute(f"USE {LAKE_ALIAS}")
+        except BaseException:
+            con.close()
+            raise
+        return con
+
     def read(self, sql: str, params: Sequence | None = None) -> pl.DataFrame:
-        with self.connect() as con:
+        """One query on a read-only connection (a missing warehouse raises WarehouseMissing)."""
+        with self.connect(read_only=True) as con:
             return query(con, sql, params)
 
 
+# ----------------------------------------------------------------------------- SQL helpers
+
+
+def is_lake(con) -> bool:
+    """Whether this connection's current database is a DuckLake catalog."""
+    row = con.execute("SELECT type FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+    return bool(row and row[0] == "ducklake")
+
+
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
-    for name, cols in SCHEMA.items():
-        con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
-    con.execute(LINEAGE_VIEW)
+    """Create the missing tables and the lineage view. On DuckLake only missing objects are created
+    (a catalog write per open would collide with other writers), with a fence table per data table."""
+    if not is_lake(con):
+        for name, cols in SCHEMA.items():
+            con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
+        con.execute(LINEAGE_VIEW)
+        return
+
+    def missing() -> tuple[list[str], list[str], bool]:
+        have = {(s, n) for s, n in con.execute(
+            "SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()}
+        views = {n for (n,) in con.execute(
+            "SELECT view_name FROM duckdb_views() WHERE database_name = current_database() AND NOT internal").fetchall()}
+        return ([n for n in SCHEMA if ("main", n) not in have], [n for n in SCHEMA if (FENCE_SCHEMA, n) not in have],
+                "curated_lineage" not in views)
+
+    tables, fences, view = missing()
+    if not (tables or fences or view):
+        return
+
+    def create() -> None:
+        tables, fences, view = missing()
+        for name in tables:
+            con.execute(f"CREATE TABLE main.{name} ({LAKE_SCHEMA[name]})")
+        if fences:
+            con.execute(f"CREATE SCHEMA IF NOT EXISTS {FENCE_SCHEMA}")
+        for name in fences:
+            con.execute(f"CREATE TABLE {FENCE_SCHEMA}.{name} (generation BIGINT)")
+            con.execute(f"INSERT INTO {FENCE_SCHEMA}.{name} VALUES (0)")
+        if view:
+            con.execute(LINEAGE_VIEW)
+
+    run_transaction(con, create)
 
 
 def table_exists(con, name: str) -> bool:
-    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]).fetchone()[0])
+    return bool(con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() AND table_name = ?",
+        [name]).fetchone()[0])
 
 
 def query(con, sql: str, params: Sequence | None = None) -> pl.DataFrame:
@@ -141,53 +464,189 @@ def columns(con, table: str) -> list[str]:
     return [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
 
 
+def _fence(con, table: str) -> None:
+    """DuckLake: make this transaction collide with any concurrent fenced write to `table`."""
+    if table in SCHEMA and is_lake(con):
+        con.execute(f"UPDATE {FENCE_SCHEMA}.{table} SET generation = generation + 1")
+
+
+def in_transaction(con) -> bool:
+    """Whether an explicit transaction is open (in autocommit every statement gets a new id).
+    A failed BEGIN would abort the open transaction, so this asks instead of trying."""
+    q = "SELECT current_transaction_id()"
+    return con.execute(q).fetchone()[0] == con.execute(q).fetchone()[0]
+
+
+def _begin(con) -> bool:
+    """BEGIN unless a transaction is already open; True when this call opened it."""
+    if in_transaction(con):
+        return False
+    con.execute("BEGIN TRANSACTION")
+    return True
+
+
+def _rollback_quietly(con) -> None:
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.TransactionException:
+        pass  # a failed COMMIT has already rolled back
+
+
+def run_transaction(con, fn: Callable[[], T], attempts: int = CONFLICT_RETRIES) -> T:
+    """Run `fn()` in one transaction and commit; on a DuckLake conflict roll back and run it again
+    (jittered exponential backoff, at most `attempts` times), then raise WarehouseConflict.
+    `fn` must be safe to re-run (it should only touch the database). Inside an already open
+    transaction `fn` just runs: the outer transaction commits (and cannot be retried here)."""
+    delay = 0.05
+    for attempt in range(1, attempts + 1):
+        if not _begin(con):
+            return fn()
+        try:
+            result = fn()
+            con.execute("COMMIT")
+            return result
+        except BaseException as e:
+            _rollback_quietly(con)
+            if not is_conflict(e):
+                raise
+            if attempt == attempts:
+                raise WarehouseConflict(
+                    f"a warehouse transaction conflicted with other writers {attempts} times in a row; "
+                    f"giving up (raise CONFLICT_RETRIES, or spread the writers out). Last error: {e}") from e
+            log.info("warehouse transaction conflict (attempt %d/%d); retrying in ~%.2fs", attempt, attempts, delay)
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, CONFLICT_MAX_DELAY_S)
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def transaction(con) -> Iterator[None]:
+    """BEGIN ... COMMIT, or ROLLBACK on any error (the error is re-raised). A DuckLake commit that
+    collides with another writer raises WarehouseConflict: the block cannot be re-run from here, so
+    code that shares the warehouse with concurrent writers should use `run_transaction`."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield
+        con.execute("COMMIT")
+    except BaseException as e:
+        _rollback_quietly(con)
+        if is_conflict(e) and not isinstance(e, WarehouseConflict):
+            raise WarehouseConflict(
+                f"the transaction collided with another writer's commit and was rolled back; run it again "
+                f"(warehouse.run_transaction retries automatically). ({e})") from e
+        raise
+
+
+def _key_match(table: str, keys: Sequence[str], alias: str = "f") -> str:
+    return " AND ".join(f"{table}.{k} = {alias}.{k}" for k in keys)
+
+
 def insert(con, table: str, df: pl.DataFrame, mode: str = "insert") -> int:
-    """Insert a Polars frame by column name; mode 'replace' upserts on the primary key."""
+    """Insert a Polars frame by column name; returns the frame's row count.
+
+    mode 'insert': plain insert (a key already present, or repeated in the frame, raises
+    duckdb.ConstraintException on both backends); 'replace': upsert on the table's declared key
+    (DELETE-by-key + INSERT; a key repeated in the frame keeps its last row); 'ignore': insert only
+    the keys not yet present. Upserts into IMMUTABLE_ROWS tables ('score_cache') behave as 'ignore'.
+    Runs in its own transaction (retried on DuckLake conflicts) unless one is already open."""
+    if mode not in ("insert", "replace", "ignore"):
+        raise ValueError(f"insert mode {mode!r}: expected 'insert', 'replace' or 'ignore'")
     if df.height == 0:
         return 0
+    keys = KEYS.get(table, ())
+    if mode != "insert" and not keys:
+        raise ValueError(f"table {table} has no declared key: mode {mode!r} needs one")
+    if mode == "replace" and table in IMMUTABLE_ROWS:
+        mode = "ignore"
     cols = [c for c in columns(con, table) if c in df.columns]
-    con.register("_lalp_frame", df.select(cols).to_arrow())
+    frame = df.select(cols)
+    if mode != "insert":
+        missing_keys = [k for k in keys if k not in cols]
+        if missing_keys:
+            raise ValueError(f"{table}: the frame lacks key column(s) {missing_keys}")
+        frame = frame.unique(subset=list(keys), keep="last", maintain_order=True)
+    col_list = ", ".join(cols)
+    lake = is_lake(con)
+
+    def body() -> None:
+        if lake and (keys or mode != "insert"):
+            _fence(con, table)
+        if mode == "replace":
+            con.execute(f"DELETE FROM {table} USING _lalp_frame f WHERE {_key_match(table, keys)}")
+            con.execute(f"INSERT INTO {table} ({col_list}) SELECT {col_list} FROM _lalp_frame")
+        elif mode == "ignore":
+            con.execute(f"INSERT INTO {table} ({col_list}) SELECT {col_list} FROM _lalp_frame f "
+                        f"WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE {_key_match(table, keys)})")
+        else:
+            if lake and keys:
+                _check_new_keys(con, table, keys)
+            con.execute(f"INSERT INTO {table} ({col_list}) SELECT {col_list} FROM _lalp_frame")
+
+    con.register("_lalp_frame", frame.to_arrow())
     try:
-        verb = "INSERT OR REPLACE" if mode == "replace" else "INSERT"
-        con.execute(f"{verb} INTO {table} ({', '.join(cols)}) SELECT {', '.join(cols)} FROM _lalp_frame")
+        run_transaction(con, body)
     finally:
         con.unregister("_lalp_frame")
     return df.height
 
 
-@contextlib.contextmanager
-def transaction(con) -> Iterator[None]:
-    """BEGIN ... COMMIT, or ROLLBACK on any error (the error is re-raised)."""
-    con.execute("BEGIN TRANSACTION")
-    try:
-        yield
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
+def _check_new_keys(con, table: str, keys: Sequence[str]) -> None:
+    """DuckLake has no PRIMARY KEY: reject what the DuckDB file's key would reject."""
+    kl = ", ".join(keys)
+    dup = con.execute(f"SELECT {kl} FROM _lalp_frame GROUP BY ALL HAVING count(*) > 1 LIMIT 1").fetchone()
+    if dup is None:
+        dup = con.execute(f"SELECT {', '.join('f.' + k for k in keys)} FROM _lalp_frame f JOIN {table} "
+                          f"ON {_key_match(table, keys)} LIMIT 1").fetchone()
+    if dup is not None:
+        shown = ", ".join(f"{k}: {v}" for k, v in zip(keys, dup))
+        raise duckdb.ConstraintException(f'Constraint Error: Duplicate key "{shown}" violates primary key constraint.')
 
 
 def replace_teachers(con, table: str, teachers: Sequence[str], df: pl.DataFrame) -> int:
     """Replace the rows of some teacher partitions with `df`, in one transaction."""
-    with transaction(con):
+
+    def body() -> int:
+        _fence(con, table)
         con.execute(f"DELETE FROM {table} WHERE teacher IN (SELECT unnest(?))", [list(teachers)])
         return insert(con, table, df)
 
+    return run_transaction(con, body)
+
 
 def replace_all(con, table: str, df: pl.DataFrame) -> int:
-    with transaction(con):
+    def body() -> int:
+        _fence(con, table)
         con.execute(f"DELETE FROM {table}")
         return insert(con, table, df)
 
+    return run_transaction(con, body)
+
 
 def cached_scores(warehouse: "Warehouse", keys: list[str]) -> dict[str, tuple[float, int]]:
-    """The `score_cache` rows for these keys: key -> (sum_logprob, n_tokens). Read-only."""
-    if not keys or not warehouse.path.exists():
+    """The `score_cache` rows for these keys: key -> (sum_logprob, n_tokens). Read-only; an absent
+    warehouse is an empty cache. The keys are joined as an Arrow table (a hash join: one scan of
+    the cache, whatever its size, instead of a per-key list membership test)."""
+    if not keys:
         return {}
-    with warehouse.connect(read_only=True) as con:
+    try:
+        with warehouse.connect(read_only=True) as con:
+            if not table_exists(con, "score_cache"):
+                return {}
+            return lookup_scores(con, keys)
+    except WarehouseMissing:
+        return {}
+
+
+def lookup_scores(con, keys: Sequence[str]) -> dict[str, tuple[float, int]]:
+    import pyarrow as pa
+
+    con.register("_lalp_keys", pa.table({"key": pa.array(list(dict.fromkeys(keys)), pa.string())}))
+    try:
         rows = con.execute(
-            "SELECT key, sum_logprob, n_tokens FROM score_cache WHERE key IN (SELECT unnest(?))", [keys]
+            "SELECT c.key, c.sum_logprob, c.n_tokens FROM score_cache c JOIN _lalp_keys k ON c.key = k.key"
         ).fetchall()
+    finally:
+        con.unregister("_lalp_keys")
     return {k: (s, n) for k, s, n in rows}
 
 
