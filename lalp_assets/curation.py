@@ -16,7 +16,7 @@ from lalp_resources.method.aggregation import select_responses, sft_messages
 from lalp_resources.report import md_image, mix_plot, write_report
 from lalp_resources.resources import PipelineSettingsResource, WarehouseResource
 from lalp_assets.rankings import PLOT_SAMPLE
-from lalp_resources.warehouse import insert, query, transaction
+from lalp_resources.warehouse import insert, query, run_transaction
 
 EXPORT_FIELDS = ["prompt_id", "teacher", "response_id", "lalp", "galp", "source_uri", "source_sha256"]
 
@@ -102,11 +102,14 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
             cfg.row(0, named=True) if cfg.height == 1 else {"configs": cfg.height},
         )
         paths = export_curated(curated, Path(settings.exports))
-        with wh.connect() as con, transaction(con):
+        def replace(con):
             for table, frame in (("curated_sft_dataset", curated),
                                  ("selection_decisions", decisions.with_columns(pl.lit(run_id).alias("select_run_id")))):
                 con.execute(f"DELETE FROM {table}")
                 insert(con, table, frame)
+
+        with wh.connect() as con:
+            run_transaction(con, lambda: replace(con))
         context.log.info(f"curated {curated.height} of {n_prompts} prompts; teacher mix:\n{markdown_table(mix)}\nwrote {paths}")
         yield dg.MaterializeResult(
             metadata=table_metadata(

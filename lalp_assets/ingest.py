@@ -20,7 +20,7 @@ from lalp_resources import expectations as gx_suites
 from lalp_resources.markdown import markdown_table
 from lalp_resources.pipeline import assemble_traces, sync_sources, utcnow
 from lalp_resources.resources import TraceSourcesResource, WarehouseResource
-from lalp_resources.warehouse import insert, transaction
+from lalp_resources.warehouse import insert, run_transaction
 
 CHECKS = [
     dg.AssetCheckSpec("traces_valid", asset="raw_teacher_traces", blocking=True,
@@ -73,7 +73,7 @@ def _write(context, wh, scope: Scope, files, traces: pl.DataFrame, dups: pl.Data
         )
     replaced = [t for t in scope.teachers if t in present]
     mine = traces.with_columns(pl.lit(run_id).alias("ingest_run_id"), pl.lit(now).alias("ingested_at"))
-    with wh.connect() as con, transaction(con):
+    def replace(con):
         con.execute("DELETE FROM raw_teacher_traces WHERE teacher IN (SELECT unnest(?))", [replaced])
         insert(con, "raw_teacher_traces", mine)
         con.execute("DELETE FROM quarantine WHERE stage = 'assemble' AND teacher IN (SELECT unnest(?))", [replaced])
@@ -85,6 +85,9 @@ def _write(context, wh, scope: Scope, files, traces: pl.DataFrame, dups: pl.Data
             "n_quarantined": sum(f.n_quarantined for f in files),
             "by_reason": json.dumps({"duplicate_across_files": dups.height}), "ingested_at": now,
         }]), mode="replace")
+
+    with wh.connect() as con:
+        run_transaction(con, lambda: replace(con))
     per_file = pl.DataFrame(
         [{"source": f.item, "sha256": f.source_sha256[:12], "read_now": f.new, "n_read": f.n_read,
           "n_accepted": f.n_accepted, "n_quarantined": f.n_quarantined} for f in files],

@@ -19,7 +19,7 @@ from lalp_resources import expectations as gx_suites
 from lalp_resources.markdown import markdown_table
 from lalp_resources.pipeline import aggregate_responses, score_chunks, score_items, with_shard
 from lalp_resources.resources import PipelineSettingsResource, StudentModelResource, WarehouseCache, WarehouseResource
-from lalp_resources.warehouse import insert, query, transaction
+from lalp_resources.warehouse import insert, query, run_transaction
 
 K8S_GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
 
@@ -106,19 +106,29 @@ def build_step_scores(student, settings, partitions_def, backfill, k8s_gpu: bool
         context.log.info(f"scoring {len(items)} responses ({steps.height} steps) of {scope.describe()} with {st.fingerprint} "
                          f"on {st.device}/{st.dtype}")
         t0 = time.perf_counter()
-        with wh.connect() as con, transaction(con):  # this scope's old rows go; responses no longer in it too
-            ids = traces["response_id"].to_list() + stale["response_id"].to_list()
+        ids = traces["response_id"].to_list() + stale["response_id"].to_list()
+
+        def clear(con):  # this scope's old rows go; responses no longer in it too
             con.execute("DELETE FROM step_scores WHERE response_id IN (SELECT unnest(?))", [ids])
             con.execute("DELETE FROM galp_scores WHERE response_id IN (SELECT unnest(?))", [ids])
+
+        with wh.connect() as con:
+            run_transaction(con, lambda: clear(con))
         written = 0
         for frames in score_chunks(engine, items, progress=progress_logger(context.log)):
             step_rows = frames["step_scores"].join(meta, on=["response_id", "step_index"]).with_columns(
                 *[pl.lit(v).alias(k) for k, v in cfg.items()], pl.lit(run_id).alias("score_run_id"))
             galp_rows = frames["galp_scores"].join(teacher_of, on="response_id").with_columns(pl.lit(run_id).alias("score_run_id"))
-            with wh.connect() as con, transaction(con):  # cache first: scores never land without their cache rows
-                insert(con, "score_cache", frames["score_cache"].with_columns(pl.lit(run_id).alias("created_run_id")), mode="ignore")
+            cache_rows = frames["score_cache"].with_columns(pl.lit(run_id).alias("created_run_id"))
+
+            def commit(con, cache_rows=cache_rows, step_rows=step_rows, galp_rows=galp_rows):
+                # one transaction, cache first: scores never land without the cache rows that produced them
+                insert(con, "score_cache", cache_rows, mode="ignore")
                 insert(con, "step_scores", step_rows, mode="replace")
                 insert(con, "galp_scores", galp_rows, mode="replace")
+
+            with wh.connect() as con:
+                run_transaction(con, lambda: commit(con))
             written += step_rows.height
         secs = time.perf_counter() - t0
         stats = engine.stats
@@ -180,9 +190,12 @@ def build_response_scores(shards: int, partitions_def, backfill) -> dg.AssetsDef
         cfg_cols = ["student", "segmenter", "segmenter_version", "window_spec", "template", "dtype", "score_run_id"]
         cfg = steps.group_by("response_id").agg([pl.col(c).first() for c in cfg_cols])
         df = aggregate_responses(steps, galp).join(raw, on="response_id", how="inner").join(cfg, on="response_id", how="left")
-        with wh.connect() as con, transaction(con):
+        def replace(con):
             con.execute("DELETE FROM response_scores WHERE teacher IN (SELECT unnest(?))", [present])
             insert(con, "response_scores", df)
+
+        with wh.connect() as con:
+            run_transaction(con, lambda: replace(con))
         summary = df.group_by("teacher").agg(
             pl.len().alias("responses"), pl.col("lalp").mean().alias("mean_lalp"), pl.col("galp").mean().alias("mean_galp")
         ).sort("teacher")

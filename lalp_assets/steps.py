@@ -11,7 +11,7 @@ from lalp_resources import expectations as gx_suites
 from lalp_resources.method.aggregation import sample_prompts
 from lalp_resources.pipeline import segment_traces, token_caps, utcnow
 from lalp_resources.resources import PipelineSettingsResource, SegmentationResource, StudentModelResource, WarehouseResource
-from lalp_resources.warehouse import insert, query, transaction
+from lalp_resources.warehouse import insert, query, run_transaction
 
 CHECKS = [
     dg.AssetCheckSpec("steps_tile_responses", asset="reasoning_steps", blocking=True,
@@ -78,13 +78,16 @@ def build(segmentation, student, settings, partitions_def, backfill) -> dg.Asset
             pl.lit(context.run.run_id).alias("steps_run_id"),
         )
         replaced = sorted(present)
-        with wh.connect() as con, transaction(con):
+        def replace(con):
             con.execute("DELETE FROM reasoning_steps WHERE teacher IN (SELECT unnest(?))", [replaced])
             insert(con, "reasoning_steps", steps)
             con.execute("DELETE FROM quarantine WHERE stage = 'steps' AND teacher IN (SELECT unnest(?))", [replaced])
             insert(con, "quarantine", too_long.with_columns(
                 pl.lit("steps").alias("stage"), pl.lit(context.run.run_id).alias("ingest_run_id"),
                 pl.lit(utcnow()).alias("quarantined_at")))
+
+        with wh.connect() as con:
+            run_transaction(con, lambda: replace(con))
         fallbacks = steps.filter(pl.col("segment_note").is_not_null())["response_id"].n_unique()
         per_resp = steps.group_by("response_id").len()
         yield dg.MaterializeResult(

@@ -192,7 +192,7 @@ def sync_sources(wh, items: Sequence[str], read: Callable[[str], adapters.Ingest
     most once per content hash: a file whose size and mtime are unchanged is not even hashed, and
     content parsed before (by any run, for any teacher) is reused from `source_traces`. A changed
     file's quarantine rows supersede those of its older content."""
-    from lalp_resources.warehouse import insert, query, transaction
+    from lalp_resources.warehouse import insert, query, run_transaction
 
     with wh.connect(read_only=True) as con:
         known = query(con, "SELECT item, source_uri, source_sha256, size, mtime_ns, n_read, n_accepted, n_quarantined, teachers "
@@ -219,15 +219,21 @@ def sync_sources(wh, items: Sequence[str], read: Callable[[str], adapters.Ingest
         fv = FileVersion(item, uri, sha, True, s["read"], s["accepted"], s["quarantined"],
                          tuple(sorted(res.traces["teacher"].unique().to_list())))
         now = utcnow()
-        with wh.connect() as con, transaction(con):
+
+        def write(con):
+            # the file's older content and its quarantine rows are superseded; a concurrent run
+            # that parsed the same content first is replaced by the same rows (idempotent)
             con.execute("DELETE FROM source_traces WHERE source_uri = ? AND source_sha256 <> ?", [uri, sha])
-            con.execute("DELETE FROM quarantine WHERE source_uri = ? AND stage = 'read'", [uri])
+            con.execute("DELETE FROM quarantine WHERE source_uri = ? AND coalesce(stage, 'read') = 'read'", [uri])
             con.execute("DELETE FROM source_files WHERE source_sha256 = ?", [sha])
             con.execute("DELETE FROM source_traces WHERE source_sha256 = ?", [sha])
             insert(con, "source_traces", res.traces.with_columns(pl.lit(run_id).alias("read_run_id")))
             insert(con, "quarantine", res.quarantine.with_columns(
                 pl.lit("read").alias("stage"), pl.lit(run_id).alias("ingest_run_id"), pl.lit(now).alias("quarantined_at")))
             insert(con, "source_files", ledger_frame(fv, stat, run_id, fmt))
+
+        with wh.connect() as con:
+            run_transaction(con, lambda: write(con))
         if log:
             log(f"read {item}: {s['read']} rows = {s['accepted']} accepted + {s['quarantined']} quarantined")
         by_sha[sha] = {"source_uri": uri, "n_read": fv.n_read, "n_accepted": fv.n_accepted,

@@ -73,10 +73,23 @@ SCHEMA: dict[str, str] = {
         prompt VARCHAR, response VARCHAR, reference_answer VARCHAR, final_answer VARCHAR,
         is_correct BOOLEAN, verify_reason VARCHAR, source_uri VARCHAR, source_sha256 VARCHAR,
         source_row BIGINT, format VARCHAR, ingest_run_id VARCHAR, ingested_at TIMESTAMP""",
+    # stage: 'read' (a file's rows; superseded when the file changes), 'assemble' (duplicates
+    # across files, per teacher), 'steps' (over the token caps, per teacher)
     "quarantine": """
         source_uri VARCHAR, source_sha256 VARCHAR, source_row BIGINT, format VARCHAR,
         reason VARCHAR, detail VARCHAR, raw_excerpt VARCHAR, prompt_id VARCHAR, teacher VARCHAR,
-        ingest_run_id VARCHAR, quarantined_at TIMESTAMP""",
+        ingest_run_id VARCHAR, quarantined_at TIMESTAMP, stage VARCHAR""",
+    # the ingest ledger: one row per file content (and per size/mtime seen for it), so a file is
+    # parsed once per content hash whatever the number of partitions or runs
+    "source_files": """
+        item VARCHAR, source_uri VARCHAR, source_sha256 VARCHAR, size BIGINT, mtime_ns BIGINT,
+        format VARCHAR, n_read BIGINT, n_accepted BIGINT, n_quarantined BIGINT, teachers VARCHAR,
+        read_run_id VARCHAR, read_at TIMESTAMP""",
+    # the parsed, accepted rows of each file content, every teacher; partitions take theirs
+    "source_traces": """
+        response_id VARCHAR, prompt_id VARCHAR, teacher VARCHAR, prompt VARCHAR, response VARCHAR,
+        reference_answer VARCHAR, final_answer VARCHAR, is_correct BOOLEAN, verify_reason VARCHAR,
+        source_uri VARCHAR, source_sha256 VARCHAR, source_row BIGINT, format VARCHAR, read_run_id VARCHAR""",
     "ingest_runs": """
         ingest_run_id VARCHAR PRIMARY KEY, sources VARCHAR, n_read BIGINT, n_accepted BIGINT,
         n_quarantined BIGINT, by_reason VARCHAR, ingested_at TIMESTAMP""",
@@ -96,8 +109,6 @@ SCHEMA: dict[str, str] = {
     "galp_scores": """
         response_id VARCHAR PRIMARY KEY, teacher VARCHAR, galp DOUBLE, galp_tokens INTEGER,
         score_run_id VARCHAR""",
-    "staged_loads": """
-        teacher VARCHAR PRIMARY KEY, run_id VARCHAR, started_at VARCHAR, loaded_at TIMESTAMP""",
     "response_scores": f"""
         response_id VARCHAR PRIMARY KEY, prompt_id VARCHAR, teacher VARCHAR, n_steps INTEGER,
         lalp DOUBLE, galp DOUBLE, galp_tokens INTEGER, is_correct BOOLEAN,
@@ -117,6 +128,9 @@ SCHEMA: dict[str, str] = {
         n_candidates INTEGER, n_eligible INTEGER, reason VARCHAR, {PROVENANCE},
         score_run_id VARCHAR, select_run_id VARCHAR""",
 }
+
+# Columns added after a table first shipped: an older DuckDB warehouse gets them on open.
+ADDED_COLUMNS = [("quarantine", "stage", "VARCHAR")]
 
 # Tables whose rows never change once written (the key determines the row): upserts skip
 # keys already present.
@@ -419,6 +433,8 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     if not is_lake(con):
         for name, cols in SCHEMA.items():
             con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
+        for table, column, kind in ADDED_COLUMNS:  # warehouses made by an earlier version
+            con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
         con.execute(LINEAGE_VIEW)
         return
 
