@@ -72,6 +72,13 @@ def _write(context, wh, scope: Scope, files, traces: pl.DataFrame, dups: pl.Data
             "unchanged. If a teacher has left for good, remove it with `lalp forget TEACHER`."
         )
     replaced = [t for t in scope.teachers if t in present]
+    shas = [f.source_sha256 for f in files]
+    with wh.connect(read_only=True) as con:
+        by_reason = dict(con.execute(
+            "SELECT reason, count(*) FROM quarantine WHERE source_sha256 IN (SELECT unnest(?)) "
+            "AND coalesce(stage, 'read') = 'read' GROUP BY reason ORDER BY 2 DESC, 1", [shas]).fetchall())
+    for reason, n in dups.group_by("reason").len().iter_rows():
+        by_reason[f"{reason} (across files)"] = n
     mine = traces.with_columns(pl.lit(run_id).alias("ingest_run_id"), pl.lit(now).alias("ingested_at"))
     def replace(con):
         con.execute("DELETE FROM raw_teacher_traces WHERE teacher IN (SELECT unnest(?))", [replaced])
@@ -83,7 +90,7 @@ def _write(context, wh, scope: Scope, files, traces: pl.DataFrame, dups: pl.Data
             "ingest_run_id": run_id, "sources": json.dumps([f.item for f in files]),
             "n_read": sum(f.n_read for f in files), "n_accepted": sum(f.n_accepted for f in files),
             "n_quarantined": sum(f.n_quarantined for f in files),
-            "by_reason": json.dumps({"duplicate_across_files": dups.height}), "ingested_at": now,
+            "by_reason": json.dumps(by_reason), "ingested_at": now,
         }]), mode="replace")
 
     with wh.connect() as con:
@@ -95,9 +102,6 @@ def _write(context, wh, scope: Scope, files, traces: pl.DataFrame, dups: pl.Data
                 "n_accepted": pl.Int64, "n_quarantined": pl.Int64},
     )
     with wh.connect(read_only=True) as con:
-        by_reason = dict(con.execute(
-            "SELECT reason, count(*) FROM quarantine WHERE source_sha256 IN (SELECT unnest(?)) GROUP BY reason ORDER BY 2 DESC",
-            [[f.source_sha256 for f in files]]).fetchall())
         # the selected teachers' rows in the current files: accepted here, or quarantined as duplicates
         n_teacher_rows = con.execute(
             "SELECT count(*) FROM (SELECT DISTINCT source_sha256, source_row FROM source_traces "

@@ -101,13 +101,15 @@ def segment_traces(traces: pl.DataFrame, segment_fn: Segmenter, tokenizer) -> pl
 
 
 def score_items(steps: pl.DataFrame, traces: pl.DataFrame) -> list:
-    """The engine's input: one item per response that has steps, in the traces' order."""
+    """The engine's input: one item per response that has steps, in one canonical order (prompt,
+    teacher, response id), so both front doors batch, and so score, identically."""
     from lalp_resources.engine import ScoreItem
 
     spans = spans_by_response(steps)
+    ordered = traces.sort("prompt_id", "teacher", "response_id")
     return [
         ScoreItem(rid, prompt, text, spans[rid])
-        for rid, prompt, text in traces.select("response_id", "prompt", "response").iter_rows()
+        for rid, prompt, text in ordered.select("response_id", "prompt", "response").iter_rows()
         if rid in spans
     ]
 

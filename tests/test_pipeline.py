@@ -2,8 +2,8 @@
 student, a real DuckDB file) and `lalp score`, on a tiny canonical JSONL written here.
 
 Slow (the student loads in each subprocess), but the inputs are tiny: 3 prompts x 3 teachers of
-2-3 short paragraphs each. Settings are read from LALP_* when lalp_assets loads, so every run is a
-subprocess with its own DAGSTER_HOME, warehouse, exports and inbox under tmp_path.
+2-3 short paragraphs each. These test the command a user types, so each is a subprocess with its
+own DAGSTER_HOME, warehouse, exports and inbox under tmp_path.
 """
 
 from __future__ import annotations
@@ -451,3 +451,28 @@ def test_lalp_score_cli(tmp_path):
         assert lalp == pytest.approx(mine["mean_logprob"].mean(), abs=1e-9)
     assert steps["mean_logprob"].is_finite().all() and (steps["mean_logprob"] <= 0).all()
     assert "wrote" in proc.stdout
+
+
+def test_lalp_score_equals_the_asset_graph(clean_run, tmp_path):
+    """One pipeline, two front doors: `lalp score` and the Dagster assets, on the same input and
+    settings, give identical step scores and LALP (the same stage functions and item order)."""
+    import polars as pl
+
+    out = tmp_path / "out"
+    proc = run_cli(["score", str(clean_run.source), "--out", str(out)], clean_run.env, tmp_path, tmp_path / "logs")
+    assert proc.returncode == 0, explain(proc)
+    cli_steps = pl.read_parquet(out / "steps.parquet").select("response_id", "step_index", "n_tokens", "mean_logprob")
+    cli_resp = pl.read_parquet(out / "responses.parquet").select("response_id", "n_steps", "lalp", "galp")
+    dag_steps = pl.DataFrame(clean_run.sql(
+        "SELECT response_id, step_index, n_tokens, mean_logprob FROM step_scores"), orient="row",
+        schema=cli_steps.schema)
+    dag_resp = pl.DataFrame(clean_run.sql("SELECT response_id, n_steps, lalp, galp FROM response_scores"), orient="row",
+                            schema=cli_resp.schema)
+    a = cli_steps.sort("response_id", "step_index")
+    b = dag_steps.sort("response_id", "step_index")
+    assert a.height == b.height > 0
+    assert a.select("response_id", "step_index", "n_tokens").equals(b.select("response_id", "step_index", "n_tokens"))
+    assert (a["mean_logprob"] - b["mean_logprob"]).abs().max() == 0.0
+    ra, rb = cli_resp.sort("response_id"), dag_resp.sort("response_id")
+    assert ra["response_id"].to_list() == rb["response_id"].to_list()
+    assert (ra["lalp"] - rb["lalp"]).abs().max() == 0.0 and (ra["galp"] - rb["galp"]).abs().max() == 0.0
