@@ -1,6 +1,7 @@
 """A throwaway PostgreSQL server for tests: initdb + pg_ctl on loopback, in a temp folder.
 
-    with throwaway_postgres() as pg:          # or the `postgres_server` fixture (tests/conftest.py)
+    postgres_or_skip()                        # skips (with the apt line) when the binaries are absent
+    with throwaway_postgres() as pg:          # a module-scoped fixture in the test files wraps this
         dsn = pg.create_database("lake")      # 'dbname=lake host=127.0.0.1 port=... user=postgres'
 
 The server listens on 127.0.0.1 at a free port with a unix-socket folder of its own (never the
