@@ -26,6 +26,13 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "great_expectations", "httpx", "math_verify"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if not verbose:  # library progress bars (weights loading, dataset saving) are noise on a first run
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        import datasets
+
+        datasets.disable_progress_bars()
 
 
 # --- lalp ingest ------------------------------------------------------------------------------

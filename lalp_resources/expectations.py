@@ -43,9 +43,13 @@ def _context():
     global _ctx
     with _ctx_lock:
         if _ctx is None:
+            import logging
+
             import great_expectations as gx
             from great_expectations.data_context.types.base import ProgressBarsConfig
 
+            # "Created temporary directory ... for ephemeral docs site" is noise in a run's log
+            logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
             _ctx = gx.get_context(mode="ephemeral")
             _ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
         return _ctx

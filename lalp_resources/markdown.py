@@ -9,13 +9,15 @@ import re
 
 import polars as pl
 
-_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+!|$~])")
+# what can break a table or render as markup: a cell separator, code, emphasis, HTML, math, a
+# link; kept small so that ordinary text (brackets, underscores in names) reads as written
+_SPECIAL = re.compile(r"([\\`*|<>$~])")
 
 
 def escape_cell(value: object) -> str:
     text = "" if value is None else str(value)
-    text = text.replace("\r", " ").replace("\n", " ").replace("\x00", "")
-    return _SPECIAL.sub(r"\\\1", text)
+    text = "".join(" " if ch in "\r\n\t" else ch for ch in text if ch == "\n" or ch == "\r" or ch == "\t" or ch.isprintable())
+    return _SPECIAL.sub(r"\\\1", text).replace("](", "]\\(")
 
 
 def _fmt_float(v: float, float_fmt: str) -> str:

@@ -196,7 +196,7 @@ def sync_sources(wh, items: Sequence[str], read: Callable[[str], adapters.Ingest
     file's quarantine rows supersede those of its older content."""
     from lalp_resources.warehouse import insert, query, run_transaction
 
-    with wh.connect(read_only=True) as con:
+    with wh.connect() as con:  # the first write of a fresh warehouse creates it
         known = query(con, "SELECT item, source_uri, source_sha256, size, mtime_ns, n_read, n_accepted, n_quarantined, teachers "
                            "FROM source_files ORDER BY read_at")
     by_stat = {(r["item"], r["size"], r["mtime_ns"]): r for r in known.iter_rows(named=True) if r["size"] is not None}

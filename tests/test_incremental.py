@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
-from helpers import REPO, tiny_llama
-from lalp_assets.automation import inbox_sensor, rank_and_curate_job, score_teachers_job
-from lalp_assets.definitions import ASSETS, build_resources
+from helpers import save_tiny_student, temp_dagster_home
+from lalp_assets.definitions import build_defs
 from lalp_resources.lineage import lineage_report
 from lalp_resources.settings import Settings
 from lalp_resources.warehouse import Warehouse
@@ -31,23 +29,18 @@ def write_teacher(path: Path, teacher: str, salt: str) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, smol_tokenizer):
-    d = tmp_path_factory.mktemp("tiny_student")
-    tiny_llama(len(smol_tokenizer), seed=3).save_pretrained(d)
-    smol_tokenizer.save_pretrained(d)
-    return d
+    return save_tiny_student(tmp_path_factory.mktemp("tiny_student"), smol_tokenizer, seed=3)
 
 
 @pytest.fixture
 def env(tmp_path, monkeypatch, tiny_model_dir):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    home = temp_dagster_home(tmp_path)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     inbox = tmp_path / "inbox"
     inbox.mkdir()
 
     def settings(**kw):
-        base = dict(warehouse=str(tmp_path / "lalp.duckdb"), sources=(), inbox=str(inbox), model=str(tiny_model_dir),
+        base = dict(dagster_home=str(home), warehouse=str(tmp_path / "lalp.duckdb"), sources=(), inbox=str(inbox), model=str(tiny_model_dir),
                     device="cpu", dtype="float32", max_prompts=0, exports=str(tmp_path / "exports"), bootstrap=200)
         base.update(kw)
         return Settings(**base)
@@ -57,16 +50,23 @@ def env(tmp_path, monkeypatch, tiny_model_dir):
     instance.dispose()
 
 
+def tick(defs, instance, cursor):
+    sensor = defs.resolve_sensor_def("inbox_sensor")
+    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"trace_sources": defs.resources["trace_sources"]})
+    return sensor(ctx)
+
+
 def tick_and_run(instance, settings, cursor=None):
-    """One sensor tick, then the runs it requested, as the daemon would launch them."""
-    res = build_resources(settings)
-    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"trace_sources": res["trace_sources"]})
-    result = inbox_sensor(ctx)
-    if isinstance(result, dg.SkipReason):
-        return [], cursor
+    """Sensor ticks until the inbox is stable (a file is taken once its size and mtime held for
+    two ticks), then the runs it requested, as the daemon would launch them."""
+    defs = build_defs(settings)
+    result = tick(defs, instance, cursor)
+    if not result.run_requests:
+        result = tick(defs, instance, result.cursor)  # the second look at the same, now stable, files
+    if not result.run_requests:
+        return [], result.cursor
     for req in result.dynamic_partitions_requests:
         instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
-    defs = dg.Definitions(assets=ASSETS, resources=res, jobs=[score_teachers_job, rank_and_curate_job])
     job = defs.resolve_job_def("score_teachers_job")
     scored = []
     for rr in result.run_requests:
@@ -77,7 +77,7 @@ def tick_and_run(instance, settings, cursor=None):
 
 
 def run_teacher(instance, settings, teacher):
-    defs = dg.Definitions(assets=ASSETS, resources=build_resources(settings), jobs=[score_teachers_job])
+    defs = build_defs(settings)
     assert defs.resolve_job_def("score_teachers_job").execute_in_process(instance=instance, partition_key=teacher).success
     return windows_scored(instance)
 
@@ -124,7 +124,7 @@ def test_inbox_sensor_scores_new_teacher_only_then_nothing(env):
     assert w["windows_scored"] == 0 and w["windows_cached"] == w["windows_total"] > 0
 
     # rankings and the curated set now include the new teacher
-    defs = dg.Definitions(assets=ASSETS, resources=build_resources(s), jobs=[rank_and_curate_job])
+    defs = build_defs(s)
     assert defs.resolve_job_def("rank_and_curate_job").execute_in_process(instance=instance).success
     assert sorted(wh.read("SELECT teacher FROM teacher_rankings")["teacher"].to_list()) == ["alpha", "beta"]
     teachers = set(wh.read("SELECT teacher FROM curated_sft_dataset")["teacher"].to_list())
