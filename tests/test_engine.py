@@ -7,61 +7,19 @@ import random
 import pytest
 import torch
 
+from lalp_resources.engine import ApproximateScoringEngine, DictCache, ScoreItem, ScoringEngine
+from lalp_resources.engine.attention import sparse_supported
+from lalp_resources.engine.head import head_rows, target_logprobs
 from lalp_resources.method.segmentation import segment
-from lalp_resources.method.windows import WindowSpec
-from lalp_resources.engine import DictCache, ScoreItem, ScoringEngine
-from lalp_resources.reference import reference_score
 from lalp_resources.method.tokenization import merge_unscored_steps, prefix_ids, tokenize_with_starts
+from lalp_resources.method.windows import WindowSpec
+from lalp_resources.reference import reference_score
 
-from helpers import tiny_llama
+from helpers import ENGINE_TOL, ENGINE_WORDS, assert_matches_reference, make_engine_items, tiny_llama
 
-TOL = 1e-4
-
-WORDS = ["we", "have", "x", "=", "3.5", "so", "the", "sum", "is", "$\\frac{1}{2}$", "e.g.", "Fig.", "2", "then",
-         "\\[a+b\\]", "therefore", "1.", "answer", "\\boxed{7}", "Note", "that", "(a)", "y^2", "+", "-", "!"]
-
-
-def random_response(rng: random.Random, n_par: int) -> str:
-    pars = []
-    for _ in range(n_par):
-        lines = []
-        for _ in range(rng.randint(1, 3)):
-            sent = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9)))
-            lines.append(sent.capitalize() + rng.choice([".", ".", "?", "!", ":"]))
-        pars.append(rng.choice([" ", "\n"]).join(lines))
-    return rng.choice(["\n\n", "\n\n\n", "\n \n"]).join(pars) + rng.choice(["", "\n", "\n\n"])
-
-
-def make_items(tok, segmenter: str, n: int = 6, seed: int = 0) -> list[ScoreItem]:
-    rng = random.Random(seed)
-    prompts = ["Compute the sum of the roots.", "What is 3.5 + 1/2? Explain."]
-    items = []
-    for k in range(n):
-        text = random_response(rng, rng.randint(1, 7))
-        spans = merge_unscored_steps(tok, text, segment(text, segmenter))
-        items.append(ScoreItem(f"r{k}", prompts[k % 2], text, spans))  # teachers share prompts
-    return items
-
-
-def assert_matches_reference(model, tok, items, window, template, **engine_kw):
-    eng = ScoringEngine(model, tok, window=window, template=template, **engine_kw)
-    out = eng.score_all(items)
-    by_id = {}
-    for s in out.steps:
-        by_id.setdefault(s.response_id, []).append(s)
-    worst = 0.0
-    for it in items:
-        ref = reference_score(model, tok, it.prompt, it.text, it.spans, window, template)
-        got = sorted(by_id[it.response_id], key=lambda s: s.step_index)
-        assert [s.n_tokens for s in got] == ref.step_counts
-        for s, rs, rc in zip(got, ref.step_sums, ref.step_counts):
-            if rc:
-                worst = max(worst, abs(s.mean_logprob - rs / rc))
-        resp = next(r for r in out.responses if r.response_id == it.response_id)
-        assert resp.galp_tokens == ref.galp_count
-        worst = max(worst, abs(resp.galp - ref.galp), abs(resp.lalp - ref.lalp))
-    assert worst < TOL, f"engine differs from the reference by {worst:.2e}"
-    return eng
+TOL = ENGINE_TOL
+WORDS = ENGINE_WORDS
+make_items = make_engine_items
 
 
 CASES = (
@@ -73,11 +31,155 @@ CASES = (
 )
 
 
+def _seed(*parts) -> int:
+    return sum(ord(c) * (k + 1) for k, c in enumerate("|".join(parts))) % 1000  # stable across runs
+
+
 @pytest.mark.parametrize("segmenter,window,template", CASES)
 def test_engine_equals_reference(tiny_model, smol_tokenizer, segmenter, window, template):
-    items = make_items(smol_tokenizer, segmenter, seed=hash((segmenter, window, template)) % 1000)
-    # small budgets so packing, several rows per batch and query chunking are all exercised
-    assert_matches_reference(tiny_model, smol_tokenizer, items, window, template, row_tokens=96, batch_tokens=256, attn_budget=1 << 13)
+    """The default (sparse) attention path: small budgets so that several batches, prefix keys
+    carried across batches (the stash), chunked tiles and several buckets are all exercised."""
+    items = make_items(smol_tokenizer, segmenter, seed=_seed(segmenter, window, template))
+    eng = assert_matches_reference(tiny_model, smol_tokenizer, items, window, template, batch_tokens=256,
+                                   query_chunk=16, attn_budget=1 << 13)
+    assert eng.stats.attention == "sparse" and eng.stats.batches > 1
+
+
+@pytest.mark.parametrize("segmenter,window,template", CASES[::2])
+def test_dense_fallback_equals_reference(tiny_model, smol_tokenizer, segmenter, window, template):
+    """The dense-mask fallback: packed rows, several rows per batch, query chunks."""
+    items = make_items(smol_tokenizer, segmenter, seed=_seed(segmenter, window, template))
+    eng = assert_matches_reference(tiny_model, smol_tokenizer, items, window, template, attention="dense",
+                                   row_tokens=96, batch_tokens=256, attn_budget=1 << 13)
+    assert eng.stats.attention == "dense" and eng.stats.padded_tokens > 0
+
+
+def test_attention_path_is_chosen_automatically(smol_tokenizer):
+    """Sparse where the model allows it; dense where it cannot run (attention-logit softcapping,
+    sliding-window layers), and still exact there."""
+    model = tiny_llama(len(smol_tokenizer), seed=4)
+    assert sparse_supported(model) == (True, "")
+    assert ScoringEngine(model, smol_tokenizer).attention == "sparse"
+    model.config.attn_logit_softcapping = 30.0  # (Llama ignores it; the engine must not assume it can)
+    ok, why = sparse_supported(model)
+    assert not ok and "softcapping" in why
+    items = make_items(smol_tokenizer, "paragraph", n=3, seed=9)
+    eng = assert_matches_reference(model, smol_tokenizer, items, "fixed:2", "chat")
+    assert eng.attention == "dense"
+    with pytest.raises(ValueError, match="cannot run"):
+        ScoringEngine(model, smol_tokenizer, attention="sparse")
+    model.config.attn_logit_softcapping = None
+    model.config.sliding_window, model.config.use_sliding_window = 16, True
+    assert ScoringEngine(model, smol_tokenizer).attention == "dense"
+
+
+def test_sparse_attention_computes_only_what_windows_see(smol_tokenizer, monkeypatch):
+    """Fully masked key blocks are skipped: the sparse path's attention work (every SDPA call's
+    n x queries x keys) stays within a small factor of the (query, key) pairs the windows see,
+    and far below the dense path's padded rows x (prefix + row) for the same items."""
+    import torch.nn.functional as F
+
+    model = tiny_llama(len(smol_tokenizer), seed=6)
+    items = make_items(smol_tokenizer, "sentence", n=8, seed=13)
+    real = F.scaled_dot_product_attention
+    work = {"pairs": 0}
+
+    def counting(q, k, v, attn_mask=None, **kw):
+        work["pairs"] += q.shape[0] * q.shape[2] * k.shape[2]
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    sparse = ScoringEngine(model, smol_tokenizer, window="fixed:2", batch_tokens=512)
+    sparse.score_all(items)
+    layers, width = model.config.num_hidden_layers, model.config.hidden_size
+    visible = sparse.stats.attention_flops / (4 * layers * width)
+    sparse_pairs = work["pairs"] / layers
+    assert visible <= sparse_pairs <= 2.0 * visible, (sparse_pairs, visible)
+    work["pairs"] = 0
+    dense = ScoringEngine(model, smol_tokenizer, window="fixed:2", attention="dense", row_tokens=512, batch_tokens=512)
+    dense.score_all(items)
+    assert sparse_pairs < 0.5 * work["pairs"] / layers
+
+
+def test_head_equals_log_softmax_gather():
+    """The chunked head (logit[target] - logsumexp) equals log_softmax().gather(), with and
+    without logit softcapping, in fp32 and with bf16 logits upcast as the reference does."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 1000, bias=False)
+    h = torch.randn(77, 32) * 3
+    tgt = torch.randint(0, 1000, (77,))
+    for softcap in (None, 5.0):
+        logits = head(h).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        want = torch.log_softmax(logits, -1).gather(1, tgt[:, None])[:, 0]
+        got = target_logprobs(head, h, tgt, softcap=softcap, max_elements=10 * 1000 + 7)  # 10 rows per chunk
+        assert got.dtype == torch.float32 and got.shape == (77,)
+        assert torch.allclose(got, want, atol=2e-6, rtol=0), (got - want).abs().max()
+    hb, headb = h.bfloat16(), head.to(torch.bfloat16)
+    want = torch.log_softmax(headb(hb).float(), -1).gather(1, tgt[:, None])[:, 0]
+    assert torch.allclose(target_logprobs(headb, hb, tgt), want, atol=2e-6, rtol=0)
+
+
+def test_head_memory_is_bounded_for_a_152k_vocabulary():
+    """No tensor the head creates exceeds the chunk bound, whatever the number of positions:
+    checked on every aten op's output with a 152k-vocabulary head (views of an op's inputs,
+    such as the weight's transpose, allocate nothing and are not counted)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in list(args) + list((kwargs or {}).values())
+                      if isinstance(a, torch.Tensor)}
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                    Largest.biggest = max(Largest.biggest, t.numel())
+            return out
+
+    vocab, bound = 152_064, 1 << 21
+    torch.manual_seed(1)
+    head = torch.nn.Linear(16, vocab, bias=False)
+    h, tgt = torch.randn(200, 16), torch.randint(0, vocab, (200,))
+    assert head_rows(vocab, bound) == bound // vocab >= 1
+    with Largest():
+        got = target_logprobs(head, h, tgt, max_elements=bound)
+    assert Largest.biggest <= bound, Largest.biggest
+    want = torch.log_softmax(head(h), -1).gather(1, tgt[:, None])[:, 0]  # 200 x 152k at once: 30x the bound
+    assert torch.allclose(got, want, atol=2e-6, rtol=0)
+
+
+def test_results_come_back_once_per_batch(tiny_model, smol_tokenizer):
+    """Log-prob sums and counts accumulate on the device: reading tensor values on the host
+    (numpy/item/tolist/bool/float/int, which would each stall a GPU) happens once per batch,
+    and scores equal those of a run with a single batch."""
+    from torch.overrides import TorchFunctionMode
+
+    reads = {"n": 0}
+    names = {"numpy", "item", "tolist", "__bool__", "__float__", "__int__", "__index__"}
+
+    class HostReads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in names:
+                reads["n"] += 1
+            return func(*args, **(kwargs or {}))
+
+    items = make_items(smol_tokenizer, "paragraph", n=6, seed=21)
+    for path in ("sparse", "dense"):
+        eng = ScoringEngine(tiny_model, smol_tokenizer, attention=path, batch_tokens=256, row_tokens=96)
+        reads["n"] = 0
+        with HostReads():
+            many = eng.score_all(items)
+        prefix_pass = 1 if path == "dense" else 0  # the dense path's prefix pass has its own copy
+        assert eng.stats.batches > 2
+        assert reads["n"] == eng.stats.host_copies == eng.stats.batches + prefix_pass, (path, reads, eng.stats)
+        one = ScoringEngine(tiny_model, smol_tokenizer, attention=path, batch_tokens=1 << 16, row_tokens=1 << 14)
+        single = one.score_all(items)
+        assert one.stats.batches == 1
+        assert [s.n_tokens for s in many.steps] == [s.n_tokens for s in single.steps]
+        assert [s.mean_logprob for s in many.steps] == pytest.approx([s.mean_logprob for s in single.steps], abs=TOL)
 
 
 def test_branches_cover_non_prefix_stable_tokenization(tiny_model, smol_tokenizer):
@@ -110,7 +212,8 @@ def test_consistency_full_window_equals_galp_grouped_by_step(tiny_model, smol_to
         assert step.n_tokens == len(lps) > 0
         assert abs(step.mean_logprob - sum(lps) / len(lps)) < TOL
     # and everything came from one pass: the GALP trunk
-    assert eng.stats.forward_calls == 2  # prefix + one trunk
+    assert eng.stats.forward_calls == 1  # prefix and trunk in one flat batch
+    assert eng.stats.tokens_forwarded == len(full_ids) - 1  # the trunk: every token but the last
 
 
 def test_cache_sends_only_new_windows_to_the_model(tiny_model, smol_tokenizer):
@@ -137,22 +240,36 @@ def test_cache_sends_only_new_windows_to_the_model(tiny_model, smol_tokenizer):
 
 def test_out_of_memory_halves_the_batch_and_retries(tiny_model, smol_tokenizer, monkeypatch):
     items = make_items(smol_tokenizer, "paragraph", n=6, seed=5)
-    eng = ScoringEngine(tiny_model, smol_tokenizer, row_tokens=64, batch_tokens=512)
-    real = eng._forward_batch
+    base = ScoringEngine(tiny_model, smol_tokenizer).score_all(items)
+    # dense path: a batch of several rows is halved
+    eng = ScoringEngine(tiny_model, smol_tokenizer, attention="dense", row_tokens=64, batch_tokens=512)
+    real = eng._forward_dense
 
     def flaky(batch, *a):
         if len(batch) > 1:  # pretend the device cannot hold more than one row
             raise torch.OutOfMemoryError("simulated CUDA out of memory")
         return real(batch, *a)
 
-    monkeypatch.setattr(eng, "_forward_batch", flaky)
+    monkeypatch.setattr(eng, "_forward_dense", flaky)
     out = eng.score_all(items)
     assert eng.stats.oom_retries > 0
-    base = ScoringEngine(tiny_model, smol_tokenizer).score_all(items)
+    assert [s.mean_logprob for s in out.steps] == pytest.approx([s.mean_logprob for s in base.steps], abs=TOL)
+    # sparse path: the attention blocks are halved
+    eng = ScoringEngine(tiny_model, smol_tokenizer, query_chunk=64)
+    real_sparse = eng._forward_sparse
+
+    def flaky_sparse(lay, stash):
+        if eng.query_chunk > 16:
+            raise torch.OutOfMemoryError("simulated CUDA out of memory")
+        return real_sparse(lay, stash)
+
+    monkeypatch.setattr(eng, "_forward_sparse", flaky_sparse)
+    out = eng.score_all(items)
+    assert eng.stats.oom_retries == 2 and eng.query_chunk == 16
     assert [s.mean_logprob for s in out.steps] == pytest.approx([s.mean_logprob for s in base.steps], abs=TOL)
 
 
-def test_long_trace_is_scored_without_truncation_in_chunks(smol_tokenizer):
+def test_long_trace_is_scored_without_truncation_in_chunks(smol_tokenizer, monkeypatch):
     """A ~4k-token single-step trace (window = whole trace) with a tiny attention budget: the
     engine runs it in query chunks against the KV cache and still equals the reference."""
     model = tiny_llama(len(smol_tokenizer), seed=1)
@@ -161,10 +278,28 @@ def test_long_trace_is_scored_without_truncation_in_chunks(smol_tokenizer):
     spans = segment(text, "paragraph")
     n_tok = len(tokenize_with_starts(smol_tokenizer, text)[0])
     assert n_tok > 3000
-    eng = assert_matches_reference(model, smol_tokenizer, [ScoreItem("long", "Q?", text, spans)], "fixed:4", "plain",
-                                   attn_budget=1 << 16)
-    assert eng.stats.forward_calls > 4  # chunked, not one giant attention matrix
-    assert eng.stats.windows_over_context == 0
+    for path in ("sparse", "dense"):
+        eng = assert_matches_reference(model, smol_tokenizer, [ScoreItem("long", "Q?", text, spans)], "fixed:4",
+                                       "plain", attn_budget=1 << 16, attention=path)
+        assert eng.stats.windows_over_context == 0
+        if path == "dense":
+            assert eng.stats.forward_calls > 4  # query chunks against the KV cache
+    # sparse: tiles of query_chunk queries, so no attention block is quadratic in the trace:
+    # each holds at most the budget, or one tile (64 queries x its keys)
+    import lalp_resources.engine.attention as attn
+
+    blocks = []
+    real_build = attn.build_buckets
+
+    def spy(tiles, k_offset, max_elements, device, to_device):
+        out = real_build(tiles, k_offset, max_elements, device, to_device)
+        blocks.extend(b.mask.numel() for b in out)
+        return out
+
+    monkeypatch.setattr(attn, "build_buckets", spy)
+    ScoringEngine(model, smol_tokenizer, window="fixed:4", template="plain", attn_budget=1 << 16,
+                  query_chunk=64).score_all([ScoreItem("long", "Q?", text, spans)])
+    assert len(blocks) > 4 and max(blocks) <= max(1 << 16, 64 * (n_tok + 64)) < n_tok * n_tok // 50, max(blocks)
 
 
 def test_windows_past_the_trained_context_are_scored_and_counted(smol_tokenizer):
@@ -231,8 +366,11 @@ def test_approximate_single_pass_mode_is_opt_in_and_close(tiny_model, smol_token
     exact = ScoringEngine(tiny_model, smol_tokenizer, window="fixed:1", cache=cache)
     r = exact.score_all(items)
     cache.store(r.new_cache_rows)
-    approx = ScoringEngine(tiny_model, smol_tokenizer, window="fixed:1", cache=cache, approx=True)
+    approx = ApproximateScoringEngine(tiny_model, smol_tokenizer, window="fixed:1", cache=cache)
     ra = approx.score_all(items)
+    assert isinstance(ScoringEngine(tiny_model, smol_tokenizer, approx=True), ApproximateScoringEngine)
+    dense = ApproximateScoringEngine(tiny_model, smol_tokenizer, window="fixed:1", attention="dense").score_all(items)
+    assert [s.mean_logprob for s in dense.steps] == pytest.approx([s.mean_logprob for s in ra.steps], abs=TOL)
     assert approx.stats.windows_scored == len(items[0].spans)  # GALP (exact) came from the cache
     diffs = [abs(a.mean_logprob - e.mean_logprob) for a, e in zip(ra.steps, r.steps)]
     assert diffs[0] < TOL and diffs[1] < TOL  # steps 0-1 see the same history in both

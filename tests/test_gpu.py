@@ -10,10 +10,10 @@ import random
 import pytest
 import torch
 
-from helpers import REPO, tiny_llama
+from helpers import REPO, assert_matches_reference, make_engine_items, tiny_llama
+from helpers import ENGINE_WORDS as WORDS
 from lalp_resources.method.segmentation import segment
 from lalp_resources.engine import ScoreItem
-from test_engine import WORDS, assert_matches_reference, make_items
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (python3 -m benchmarks.gpu_check on a GPU lease)")
 
@@ -46,22 +46,26 @@ def student_shaped(tok):
     return model.to("cuda").eval()
 
 
+@pytest.mark.parametrize("attention", ["sparse", "dense"])
 @pytest.mark.parametrize("window,template,segmenter", [
     ("fixed:4", "chat", "paragraph"), ("fraction:0.25", "plain", "sentence"), ("fixed:2", "chat", "line"),
 ])
-def test_engine_equals_reference_on_cuda_fp32(student_shaped, tok, window, template, segmenter):
-    items = make_items(tok, segmenter, n=8, seed=21)
-    eng = assert_matches_reference(student_shaped, tok, items, window, template)
-    assert eng.stats.forward_calls >= 1
+def test_engine_equals_reference_on_cuda_fp32(student_shaped, tok, window, template, segmenter, attention):
+    """Both attention paths on CUDA (the sparse one runs fused SDPA kernels there)."""
+    items = make_engine_items(tok, segmenter, n=8, seed=21)
+    eng = assert_matches_reference(student_shaped, tok, items, window, template, attention=attention)
+    assert eng.stats.forward_calls >= 1 and eng.stats.attention == attention
+    assert eng.stats.host_copies == eng.stats.batches + (attention == "dense")
 
 
 def test_long_row_is_chunked_on_cuda_and_still_exact(tok):
     model = tiny_llama(len(tok), seed=1).to("cuda")
     rng = random.Random(7)
     text = " ".join(rng.choice(WORDS) for _ in range(1800)) + "\n\nDone: \\boxed{7}."
-    eng = assert_matches_reference(model, tok, [ScoreItem("long", "Q?", text, segment(text, "paragraph"))],
-                                   "fixed:4", "plain", attn_budget=1 << 16)
-    assert eng.stats.forward_calls > 4
+    for attention in ("sparse", "dense"):
+        eng = assert_matches_reference(model, tok, [ScoreItem("long", "Q?", text, segment(text, "paragraph"))],
+                                       "fixed:4", "plain", attn_budget=1 << 16, attention=attention, query_chunk=64)
+        assert eng.stats.forward_calls > 4 or attention == "sparse"
 
 
 def test_bundle_is_present_for_the_benchmark():

@@ -1,0 +1,477 @@
+"""The exact LALP/GALP scoring engine.
+
+It computes the same numbers as `lalp_resources.reference` (the definition in docs/method.md) with
+far fewer token-forwards:
+
+- **Shared prefix.** The templated prompt is computed once per prompt and group; every window of
+  every teacher's answer to it attends to those keys.
+- **Merged windows.** Windows that start at the same step form one *unit*: a single pass over
+  the text from that start step to the last step that needs it scores all of them. For `fixed:K`
+  the first K+1 steps and GALP come from one pass over the whole response.
+- **Exact even where BPE is not prefix-stable.** A window's own tokenization can differ from the
+  unit's near the window end; the differing tail runs as a *branch* (see `plan.build_units`).
+- **Attention over what a window sees.** Units are packed into flat batches and attention runs
+  over the keys each query sees (`attention.sparse_attention`); a dense-mask path is the
+  fallback where that is unavailable (`attention.sparse_supported`).
+- **Head only where needed, exact and chunked.** log p = logit[target] - logsumexp over the
+  positions that predict scored tokens (`head.target_logprobs`).
+- **No host stalls.** Sums and counts accumulate on the device and come back once per batch,
+  after the next batch has been launched, so packing batch k+1 overlaps batch k on a GPU.
+- **No truncation.** Tiles are chunked, so memory is bounded by the chunk size and the
+  (linear) key lists, never by a quadratic attention matrix.
+- **Cache.** Every window has a key over the student namespace and its exact tokens; windows
+  found in the cache never reach the model.
+
+The opt-in approximate mode lives in `approx.py` (`ApproximateScoringEngine`); this module has
+no approximate branch. `ScoringEngine(..., approx=True)` still returns one, for callers that
+pick the mode with a flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from lalp_resources.engine import attention as attn
+from lalp_resources.engine.head import DeviceAccumulator, target_logprobs
+from lalp_resources.engine.plan import (
+    GALP_STEP, Layout, Task, Unit, batch_rows, build_units, dense_layout, pack_rows, pack_sparse, split_tiles,
+    token_ranges, window_plans,
+)
+from lalp_resources.engine.types import EngineStats, ResponseScore, ScoreCache, ScoredChunk, ScoreItem, StepScore
+from lalp_resources.method.tokenization import prefix_ids, scored_range, tokenize_many, window_key
+from lalp_resources.method.windows import WindowSpec
+
+log = logging.getLogger("lalp.engine")
+
+ATTENTION_PATHS = ("auto", "sparse", "dense")
+
+
+def pin_threads() -> int:
+    """Intra-op threads = the cores this process may run on (torch's default counts the
+    machine's, not the affinity mask's, and oversubscribes a restricted process)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+class ScoringEngine:
+    """Exact, batched LALP/GALP scoring for one student model.
+
+    `namespace` should identify the student (fingerprint), template and dtype: it prefixes every
+    cache key, so a different student or dtype never reuses a score. `attention` picks the path:
+    `auto` (sparse where supported, else dense), `sparse` or `dense`.
+    """
+
+    def __new__(cls, *args, approx: bool = False, **kwargs):
+        if approx and cls is ScoringEngine:
+            from lalp_resources.engine.approx import ApproximateScoringEngine
+
+            return super().__new__(ApproximateScoringEngine)
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        template: str = "chat",
+        window: str | WindowSpec = "fixed:4",
+        namespace: str = "",
+        cache: ScoreCache | None = None,
+        row_tokens: int | None = None,
+        batch_tokens: int | None = None,
+        attn_budget: int | None = None,
+        group_tokens: int | None = None,
+        galp: bool = True,
+        attention: str = "auto",
+        query_chunk: int | None = None,
+        approx: bool = False,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.window = WindowSpec.parse(window)
+        self.namespace = namespace
+        self.cache = cache
+        self.galp = galp
+        self.device = next(model.parameters()).device
+        on_gpu = self.device.type == "cuda"
+        if attention not in ATTENTION_PATHS:
+            raise ValueError(f"attention={attention!r}: expected one of {ATTENTION_PATHS}")
+        ok, why = attn.sparse_supported(model)
+        if attention == "sparse" and not ok:
+            raise ValueError(f"the sparse attention path cannot run this model: {why}")
+        self.attention = "sparse" if (attention == "sparse" or (attention == "auto" and ok)) else "dense"
+        if attention == "auto" and not ok:
+            log.info("dense attention mask (the sparse path cannot run this model: %s)", why)
+        # Budgets. Sparse: flat batches of batch_tokens (no padding). Dense: rows of row_tokens.
+        self.row_tokens = row_tokens or (4096 if on_gpu else 1024)
+        self.batch_tokens = batch_tokens or (65536 if on_gpu else 4096)
+        # Max (query x key) elements of one attention block (a bucket, or a dense query chunk).
+        self.attn_budget = attn_budget or (1 << 26 if on_gpu else 1 << 22)
+        self.query_chunk = query_chunk or (512 if on_gpu else 128)  # sparse: queries per tile
+        self.group_tokens = group_tokens or (262144 if on_gpu else 16384)
+        self.head = model.get_output_embeddings()
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.eager = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
+        cfg = model.config
+        self._n_layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
+        hd = getattr(cfg, "head_dim", None) or (cfg.hidden_size // cfg.num_attention_heads)
+        self._attn_width = int(getattr(cfg, "num_attention_heads", 0) or 0) * int(hd)
+        self.pad_id = 0
+        self.stats = EngineStats(attention=self.attention)
+        if self.device.type == "cpu":
+            pin_threads()
+        self._on_batch = None
+        self._t0 = time.perf_counter()
+
+    # -- public ---------------------------------------------------------------------------
+
+    def score(
+        self,
+        items: Sequence[ScoreItem],
+        progress: Callable[[int, int, EngineStats], None] | None = None,
+    ) -> Iterator[ScoredChunk]:
+        """Score items; yields one complete `ScoredChunk` per group of prompts."""
+        t0 = self._t0 = time.perf_counter()
+        by_prompt: dict[str, list[int]] = defaultdict(list)
+        for idx, it in enumerate(items):
+            if not it.spans:
+                raise ValueError(f"response {it.response_id}: no steps to score")
+            by_prompt[it.prompt].append(idx)
+        # Group whole prompts (the unit of prefix reuse and of commit) up to a token budget.
+        # Work estimate: ~3 characters per token, and windows re-read context (x2-3).
+        groups, cur, est_tokens = [], [], 0.0
+        for prompt, idxs in by_prompt.items():
+            cur.append(prompt)
+            est_tokens += sum(len(items[i].text) for i in idxs) * (2 if self.window.kind == "fixed" else 3) / 3
+            if est_tokens >= self.group_tokens:
+                groups.append(cur)
+                cur, est_tokens = [], 0.0
+        if cur:
+            groups.append(cur)
+        total = sum(len(it.spans) + (1 if self.galp else 0) for it in items)
+        done = 0
+        for prompts in groups:
+            idxs = [i for p in prompts for i in by_prompt[p]]
+            n_group = sum(len(items[i].spans) + (1 if self.galp else 0) for i in idxs)
+            if progress:  # within a group, report by the share of its token-forwards done
+                self._on_batch = lambda frac, d=done, n=n_group: progress(d + int(n * frac), total, self.stats)
+            chunk = self._score_group(prompts, [items[i] for i in idxs])
+            self._on_batch = None
+            done += n_group
+            self.stats.seconds = time.perf_counter() - t0
+            if progress:
+                progress(done, total, self.stats)
+            yield chunk
+
+    def score_all(self, items: Sequence[ScoreItem], progress=None) -> ScoredChunk:
+        steps, responses, rows = [], [], []
+        for c in self.score(items, progress):
+            steps += c.steps
+            responses += c.responses
+            rows += c.new_cache_rows
+        return ScoredChunk(steps, responses, rows)
+
+    # -- planning (host) ------------------------------------------------------------------
+
+    def _make_tasks(self, items, plans, toks, prefixes, prompt_index) -> list[Task]:
+        """One task per window and per GALP pass, keyed over the namespace and exact tokens."""
+        tasks: list[Task] = []
+        max_ctx = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        for n, (it, (wins, galp_tid)) in enumerate(zip(items, plans)):
+            pre = prefixes[prompt_index[it.prompt]]
+            if max_ctx:  # never truncated, but past the trained context scores lose meaning: count them
+                over = [tid for _, _, tid, _, _ in wins] + ([galp_tid] if galp_tid is not None else [])
+                self.stats.windows_over_context += sum(len(pre) + len(toks[t][0]) > max_ctx for t in over)
+            for i, a, tid, lo, hi in wins:
+                ids, starts = toks[tid]
+                j0, j1 = scored_range(starts, lo - a, hi - a)
+                tasks.append(Task(window_key(self.namespace, pre, ids, j0, j1), n, i))
+            if galp_tid is not None:
+                ids, _ = toks[galp_tid]
+                tasks.append(Task(window_key(self.namespace + "|galp", pre, ids, 0, len(ids)), n, GALP_STEP))
+        return tasks
+
+    def _build_units(self, items, plans, toks, tasks, todo, prompt_index) -> list[Unit]:
+        return build_units(self.tokenizer, items, plans, toks, todo, prompt_index)
+
+    def _score_group(self, prompts: list[str], items: list[ScoreItem]) -> ScoredChunk:
+        h0 = time.perf_counter()
+        model_s0 = self._model_seconds = 0.0
+        prompt_index = {p: k for k, p in enumerate(prompts)}
+        prefixes = [prefix_ids(self.tokenizer, p, self.template) for p in prompts]
+        plans, texts, _ = window_plans(items, self.window, self.galp)
+        toks = tokenize_many(self.tokenizer, texts)
+        tasks = self._make_tasks(items, plans, toks, prefixes, prompt_index)
+        hits = self.cache.lookup([t.key for t in tasks]) if self.cache is not None else {}
+        self.stats.windows_total += len(tasks)
+        todo = [k for k, t in enumerate(tasks) if t.key not in hits]
+        self.stats.windows_cached += len(tasks) - len(todo)
+        self.stats.windows_scored += len(todo)
+        units = self._build_units(items, plans, toks, tasks, todo, prompt_index)
+        if units:
+            sums = np.zeros(len(tasks), dtype=np.float64)
+            counts = np.zeros(len(tasks), dtype=np.float64)
+            with torch.no_grad():
+                if self.attention == "sparse":
+                    self._run_sparse(units, prefixes, sums, counts)
+                else:
+                    self._run_dense(units, prefixes, sums, counts)
+            for k, t in enumerate(tasks):
+                if counts[k]:
+                    t.sum, t.count = float(sums[k]), int(counts[k])
+        out = self._assemble(items, tasks, todo, hits)
+        self.stats.host_seconds += time.perf_counter() - h0 - (self._model_seconds - model_s0)
+        return out
+
+    def _assemble(self, items, tasks, todo, hits) -> ScoredChunk:
+        new_rows = [(tasks[k].key, tasks[k].sum, tasks[k].count) for k in todo]
+        per_item: dict[int, dict[int, tuple[float, int, bool]]] = defaultdict(dict)
+        for t in tasks:
+            if t.key in hits:
+                s, c = hits[t.key]
+                per_item[t.item][t.step] = (float(s), int(c), True)
+            else:
+                per_item[t.item][t.step] = (t.sum, t.count, False)
+        steps_out, resp_out = [], []
+        for n, it in enumerate(items):
+            res = per_item[n]
+            means = []
+            for i in range(len(it.spans)):
+                s, c, cached = res[i]
+                steps_out.append(StepScore(it.response_id, i, c, s, cached))
+                if c:
+                    means.append(s / c)
+            lalp = float(np.mean(means)) if means else float("nan")
+            gs, gc, _ = res.get(GALP_STEP, (float("nan"), 0, False))
+            resp_out.append(ResponseScore(it.response_id, len(it.spans), lalp, gs / gc if gc else float("nan"), gc))
+        return ScoredChunk(steps_out, resp_out, new_rows)
+
+    # -- device helpers -------------------------------------------------------------------
+
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _head_into(self, acc: DeviceAccumulator, h: torch.Tensor, rows, pos, toks, local) -> None:
+        """Log-probs of `toks` predicted by h[rows, pos], added to the batch's accumulator."""
+        if len(toks) == 0:
+            return
+        hb = h[self._to_device(rows), self._to_device(pos)] if h.dim() == 3 else h[self._to_device(pos)]
+        lp = target_logprobs(self.head, hb, self._to_device(toks), softcap=self.softcap)
+        acc.add(self._to_device(local), lp)
+        self.stats.head_positions += len(toks)
+
+    def _collect(self, pending, sums, counts) -> None:
+        """The batch's one device-to-host copy, then host-side scatter into the group's tasks."""
+        acc, tasks = pending
+        s, c = acc.fetch()
+        self.stats.host_copies += 1
+        np.add.at(sums, tasks, s[: len(tasks)])
+        np.add.at(counts, tasks, c[: len(tasks)])
+
+    def _progress(self, done: int, work: int) -> None:
+        if self._on_batch and done < work:
+            self.stats.seconds = time.perf_counter() - self._t0
+            self._on_batch(done / work)
+
+    def _account(self, lay: Layout) -> None:
+        self.stats.batches += 1
+        self.stats.tokens_forwarded += lay.real_tokens
+        self.stats.prefix_tokens += lay.prefix_tokens
+        self.stats.scored_tokens += len(lay.tgt_tok)
+        self.stats.attention_flops += 4.0 * self._n_layers * self._attn_width * lay.visible_keys()
+
+    # -- sparse path ----------------------------------------------------------------------
+
+    def _run_sparse(self, units: list[Unit], prefixes, sums, counts) -> None:
+        layouts = pack_sparse(units, prefixes, self.batch_tokens)
+        work = sum(u.length for u in units) or 1
+        done, pending = 0, None
+        stash: dict = {}
+        last_use = {p: b for b, lay in enumerate(layouts) for p in lay.ext_prefixes}
+        for b, lay in enumerate(layouts):
+            # packing this batch (host) ran while the previous one was on the device
+            launched = self._launch_sparse(lay, stash)
+            for key in [k for k in stash if last_use.get(k[1], -1) <= b]:
+                del stash[key]  # no later batch reads this prompt's prefix keys
+            if pending is not None:
+                self._collect(pending, sums, counts)
+            pending = launched
+            done += lay.real_tokens
+            self._progress(done, work)
+        if pending is not None:
+            self._collect(pending, sums, counts)
+
+    def _launch_sparse(self, lay: Layout, stash: dict):
+        try:
+            return self._forward_sparse(lay, stash)
+        except torch.OutOfMemoryError:
+            self.stats.oom_retries += 1
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if self.query_chunk > 16:
+                log.warning("out of memory on a batch of %d tokens: halving the attention blocks and retrying",
+                            lay.ids.shape[1])
+                self.query_chunk //= 2
+                self.attn_budget //= 2
+                return self._launch_sparse(lay, stash)
+            raise
+
+    def _forward_sparse(self, lay: Layout, stash: dict):
+        t0 = time.perf_counter()
+        tiles = split_tiles(lay.tiles, self.query_chunk)
+        buckets = attn.build_buckets(tiles, lay.k_offset, self.attn_budget, self.device, self._to_device)
+        keep = [(p, a, b) for p, a, b in lay.own_rows if p in lay.keep_prefixes]
+        plan = attn.SparsePlan(lay.ids.shape[1], buckets, stash, ext=list(lay.ext_prefixes), keep=keep)
+        acc = DeviceAccumulator(len(lay.tasks), self.device)
+        ids, pos = self._to_device(lay.ids), self._to_device(lay.pos)
+        with attn.sparse_attention_enabled(self.model):
+            out = self.model.model(input_ids=ids, position_ids=pos, use_cache=False, lalp_plan=plan)
+        self.stats.forward_calls += 1
+        self._head_into(acc, out.last_hidden_state[0], lay.tgt_row, lay.tgt_pos, lay.tgt_tok, lay.tgt_task)
+        self._account(lay)
+        self._model_seconds += time.perf_counter() - t0
+        return acc, lay.tasks
+
+    # -- dense path (fallback) ------------------------------------------------------------
+
+    def _run_dense(self, units: list[Unit], prefixes, sums, counts) -> None:
+        used = sorted({u.prompt for u in units})
+        slot = {p: k for k, p in enumerate(used)}
+        pre_kv, pre_len = self._prefix_forward([prefixes[p] for p in used], units, slot, sums, counts)
+        batches = batch_rows(pack_rows(units, self.row_tokens), self.batch_tokens)
+        work = sum(u.length for u in units) or 1
+        done, pending = 0, None
+        for batch in batches:
+            launched = self._launch_dense(batch, pre_kv, pre_len, slot)
+            if pending is not None:
+                self._collect(pending, sums, counts)
+            pending = launched
+            done += sum(u.length for r in batch for u in r)
+            self._progress(done, work)
+        if pending is not None:
+            self._collect(pending, sums, counts)
+
+    def _prefix_forward(self, prefixes: list[list[int]], units, slot, sums, counts):
+        """Right-padded batched prefix pass: per-layer KV [P, kvh, Lmax, hd], lengths, and the
+        log-probs of every window's first token (predicted by its prefix's last position)."""
+        t0 = time.perf_counter()
+        P, L = len(prefixes), max(len(p) for p in prefixes)
+        ids = np.full((P, L), self.pad_id, dtype=np.int64)
+        am = np.zeros((P, L), dtype=np.int64)
+        for k, p in enumerate(prefixes):
+            ids[k, : len(p)] = p
+            am[k, : len(p)] = 1
+        # a ready 4D mask (causal, padding masked): transformers then reads nothing back from it
+        valid = self._to_device(am).bool()
+        mask = torch.ones((L, L), dtype=torch.bool, device=self.device).tril()[None, None] & valid[:, None, None, :]
+        mask |= torch.eye(L, dtype=torch.bool, device=self.device)[None, None]  # padded rows see themselves
+        if self.eager:
+            dtype = next(self.model.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill(~mask, torch.finfo(dtype).min)
+        out = self.model.model(input_ids=self._to_device(ids), attention_mask=mask, use_cache=True)
+        self.stats.forward_calls += 1
+        self.stats.prefix_tokens += sum(len(p) for p in prefixes)
+        self.stats.padded_tokens += P * L - sum(len(p) for p in prefixes)
+        targets = [(slot[u.prompt], len(prefixes[slot[u.prompt]]) - 1, t, kk) for u in units for q, t, kk in u.targets if q < 0]
+        if targets:
+            a = np.asarray(targets, dtype=np.int64)
+            tasks, local = np.unique(a[:, 3], return_inverse=True)
+            acc = DeviceAccumulator(len(tasks), self.device)
+            self._head_into(acc, out.last_hidden_state, a[:, 0], a[:, 1], a[:, 2], local)
+            self._collect((acc, tasks), sums, counts)
+        kv = [(layer[0], layer[1]) for layer in _cache_layers(out)]
+        self._model_seconds += time.perf_counter() - t0
+        return kv, [len(p) for p in prefixes]
+
+    def _launch_dense(self, batch, pre_kv, pre_len, slot):
+        try:
+            return self._forward_dense(batch, pre_kv, pre_len, slot, self.attn_budget)
+        except torch.OutOfMemoryError:
+            self.stats.oom_retries += 1
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(batch) > 1:
+                log.warning("out of memory on %d rows: halving the batch and retrying", len(batch))
+                half = len(batch) // 2
+                a = self._launch_dense(batch[:half], pre_kv, pre_len, slot)
+                b = self._launch_dense(batch[half:], pre_kv, pre_len, slot)
+                return _merge_pending(a, b)
+            if self.attn_budget > 1 << 14:
+                log.warning("out of memory on one row: halving the attention chunk and retrying")
+                self.attn_budget //= 2
+                return self._launch_dense(batch, pre_kv, pre_len, slot)
+            raise
+
+    def _forward_dense(self, batch, pre_kv, pre_len, slot, attn_budget):
+        from transformers import DynamicCache
+
+        t0 = time.perf_counter()
+        dev = self.device
+        row_slot = [slot[r[0].prompt] for r in batch]
+        Lp = pre_kv[0][0].shape[2]
+        lay = dense_layout(batch, [pre_len[s] for s in row_slot], Lp)
+        B, T = lay.ids.shape
+        self.stats.padded_tokens += B * T - lay.real_tokens
+        ids_t, pos_t = self._to_device(lay.ids), self._to_device(lay.pos)
+        ranges = self._to_device(token_ranges(lay))
+        rs = self._to_device(np.asarray(row_slot, dtype=np.int64))
+        cache = DynamicCache(ddp_cache_data=[(k[rs], v[rs]) for k, v in pre_kv])
+        dtype = next(self.model.parameters()).dtype
+        acc = DeviceAccumulator(len(lay.tasks), dev)
+        q0 = 0
+        while q0 < T:
+            # query chunk so that B x chunk x keys stays within the attention budget
+            chunk = max(16, attn_budget // max(1, B * (Lp + T)))
+            q1 = min(T, q0 + chunk)
+            mask = attn.dense_mask(ranges, q0, q1, Lp + q1, Lp)
+            if self.eager:
+                mask = torch.zeros(mask.shape, dtype=dtype, device=dev).masked_fill(~mask, torch.finfo(dtype).min)
+            out = self.model.model(input_ids=ids_t[:, q0:q1], position_ids=pos_t[:, q0:q1], attention_mask=mask,
+                                   cache=cache, use_cache=True)
+            self.stats.forward_calls += 1
+            sel = np.nonzero((lay.tgt_pos >= q0) & (lay.tgt_pos < q1))[0]
+            self._head_into(acc, out.last_hidden_state, lay.tgt_row[sel], lay.tgt_pos[sel] - q0, lay.tgt_tok[sel],
+                            lay.tgt_task[sel])
+            q0 = q1
+        self._account(lay)
+        self._model_seconds += time.perf_counter() - t0
+        return acc, lay.tasks
+
+
+def _cache_layers(out):
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(k, v) for k, v, *_ in cache]
+
+
+def _merge_pending(a, b):
+    """Two halves of a batch retried after an out-of-memory error: collect both."""
+    (acc_a, tasks_a), (acc_b, tasks_b) = a, b
+    return _PairAccumulator(acc_a, acc_b, len(tasks_a)), np.concatenate([tasks_a, tasks_b])
+
+
+class _PairAccumulator:
+    def __init__(self, a, b, n_a):
+        self.a, self.b, self.n_a = a, b, n_a
+
+    def fetch(self):
+        sa, ca = self.a.fetch()
+        sb, cb = self.b.fetch()
+        return np.concatenate([sa[: self.n_a], sb]), np.concatenate([ca[: self.n_a], cb])

@@ -1,0 +1,390 @@
+"""The packing and attention plan: what the model computes, and which keys each query sees.
+
+Planning turns items into *tasks* (one cache entry each: a step window, or the whole response
+for GALP) and the missing tasks into *units*: a trunk (the text from a window start to the
+furthest end any window with that start needs) plus *branches* (a window's own tokens where its
+tokenization leaves the trunk's; see `build_units`). A unit lays itself out as *tiles*: a run
+of queries that see
+
+    the prompt prefix  [pa, pb)   +   one extra context range  [xa, xb)   +   [c, own key]
+
+in one key space (a query's own key is the key of its own token, so the last range is causal).
+A trunk tile sees the prefix and the trunk up to itself; a branch sees the prefix, the trunk
+before its attach point, and its own branch up to itself. Both attention paths execute the same
+tiles: the sparse path gathers exactly those keys (`attention.sparse_attention`), the dense
+fallback turns them into a boolean mask over a padded row (`dense_mask`).
+
+Packing:
+- sparse path: units of a group are packed one after another into flat batches of at most
+  `batch_tokens` tokens, no padding; a prompt's prefix is computed in the first batch that needs
+  it and its keys are kept (the *stash*) for later batches.
+- dense path: units are packed first-fit-decreasing into rows of one prompt (`row_tokens`), rows
+  batched by `batch_tokens`, the prefixes computed once in a padded prefix pass.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lalp_resources.method.tokenization import scored_range, tokenize_many
+
+GALP_STEP = -1
+
+
+@dataclass
+class Task:
+    """One cache entry: a step window, or the whole response for GALP."""
+
+    key: str
+    item: int
+    step: int
+    sum: float = 0.0
+    count: int = 0
+
+
+@dataclass
+class Unit:
+    prompt: int                              # index into the group's prefixes
+    trunk: list[int]
+    branches: list[tuple[int, list[int]]]    # (attach point d, token ids)
+    targets: list[tuple[int, int, int]]      # (unit-local predictor position or -1 for the prefix, token, task)
+
+    @property
+    def length(self) -> int:
+        return len(self.trunk) + sum(len(b) for _, b in self.branches)
+
+    def ids(self) -> list[int]:
+        out = list(self.trunk)
+        for _, b in self.branches:
+            out += b
+        return out
+
+    def positions(self) -> np.ndarray:
+        """Positions after the prefix: the trunk counts on, a branch continues from its attach point."""
+        parts = [np.arange(len(self.trunk))] + [d + np.arange(len(b)) for d, b in self.branches]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def tiles(self, q_base: int, k_base: int, chunk: int) -> list[tuple[int, int, int, int, int]]:
+        """(q0, q1, c, xa, xb) for the unit placed at query index q_base and key index k_base;
+        runs longer than `chunk` queries are split (bounds a tile's mask and scores)."""
+        out = []
+        n = len(self.trunk)
+        for a in range(0, n, chunk):
+            out.append((q_base + a, q_base + min(n, a + chunk), k_base, 0, 0))
+        off = n
+        for d, b in self.branches:
+            m = len(b)
+            for a in range(0, m, chunk):
+                out.append((q_base + off + a, q_base + off + min(m, a + chunk), k_base + off, k_base, k_base + d))
+            off += m
+        return out
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+# --- windows and units ---------------------------------------------------------------------
+
+
+def window_plans(items, window, galp: bool):
+    """Every window text and the whole responses, tokenized in one batch.
+
+    Returns (plans, toks): plans[n] = (wins, galp text id) with wins = [(step, a, text id, lo, hi)]
+    (a: the window's first character), toks[text id] = (ids, starts)."""
+    texts: list[str] = []
+    text_id: dict[str, int] = {}
+
+    def need(s: str) -> int:
+        if s not in text_id:
+            text_id[s] = len(texts)
+            texts.append(s)
+        return text_id[s]
+
+    plans = []
+    for it in items:
+        spans = list(it.spans)
+        wins = []
+        for i, (lo, hi) in enumerate(spans):
+            a = spans[window.start(i)][0]
+            wins.append((i, a, need(it.text[a:hi]), lo, hi))
+        plans.append((wins, need(it.text) if galp else None))
+    return plans, texts, text_id
+
+
+def build_units(tokenizer, items, plans, toks, todo, prompt_index) -> list[Unit]:
+    """Units: the missing windows of one response that share a start character.
+
+    A window's own tokenization can differ from the unit's near the window end (BPE is not
+    prefix-stable: "\\n\\n" ends a string as one token but is two before a word). Each window is
+    compared with the trunk; the differing tail becomes a branch attending to the shared tokens
+    before the divergence, so every scored token is predicted from exactly the reference's context."""
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    win_of: dict[int, tuple[int, int, int, int]] = {}
+    task_pos = {}
+    k = 0
+    for n, (wins, galp_tid) in enumerate(plans):
+        for i, a, tid, lo, hi in wins:
+            task_pos[k] = (n, a, tid, lo, hi)
+            k += 1
+        if galp_tid is not None:
+            task_pos[k] = (n, 0, galp_tid, 0, len(items[n].text))
+            k += 1
+    for k in todo:
+        n, a, tid, lo, hi = task_pos[k]
+        groups[(n, a)].append(k)
+        win_of[k] = (tid, lo, hi, a)
+
+    # The unit's trunk is the text from the start to the furthest end any member needs; reuse
+    # the tokenizations already done for window texts.
+    trunk_texts = {(n, a): items[n].text[a: max(win_of[k][2] for k in ks)] for (n, a), ks in groups.items()}
+    known = {}
+    for n, (wins, galp_tid) in enumerate(plans):
+        for i, a, tid, lo, hi in wins:
+            known.setdefault(items[n].text[a:hi], toks[tid])
+        if galp_tid is not None:
+            known.setdefault(items[n].text, toks[galp_tid])
+    missing = list({s for s in trunk_texts.values() if s not in known})
+    for s, t in zip(missing, tokenize_many(tokenizer, missing)):
+        known[s] = t
+
+    units = []
+    for (n, a), ks in groups.items():
+        trunk_ids, _ = known[trunk_texts[(n, a)]]
+        branches: list[tuple[int, list[int]]] = []
+        targets: list[tuple[int, int, int]] = []
+        branch_targets: list[tuple[int, int, int, int]] = []  # (branch no, pos in branch, tok, task)
+        trunk_need = 0
+        for kk in ks:
+            tid, lo, hi, a_ = win_of[kk]
+            ids, starts = toks[tid]
+            j0, j1 = scored_range(starts, lo - a_, hi - a_)
+            if j1 <= j0:
+                continue
+            d = common_prefix(ids, trunk_ids)
+            b = None
+            if j1 - 1 > d:  # branch inputs U[d : j1-1]
+                b = len(branches)
+                branches.append((d, ids[d: j1 - 1]))
+                trunk_need = max(trunk_need, d)
+            for j in range(j0, j1):
+                if j == 0:
+                    targets.append((-1, ids[j], kk))
+                elif j - 1 < d:
+                    targets.append((j - 1, ids[j], kk))
+                    trunk_need = max(trunk_need, j)
+                else:
+                    branch_targets.append((b, j - 1 - d, ids[j], kk))
+        trunk = trunk_ids[:trunk_need]
+        offsets, off = [], len(trunk)
+        for _, bids in branches:
+            offsets.append(off)
+            off += len(bids)
+        for b, p, t, kk in branch_targets:
+            targets.append((offsets[b] + p, t, kk))
+        units.append(Unit(prompt_index[items[n].prompt], trunk, branches, targets))
+    return units
+
+
+# --- batches -------------------------------------------------------------------------------
+
+
+@dataclass
+class Layout:
+    """One batch laid out for the model: token ids and positions [B, T], the tiles, the targets
+    and the tasks they feed. Key space: sparse path = stashed prefix keys, then the batch's
+    tokens; dense path, per row = the prefix cache columns, then the row's tokens."""
+
+    ids: np.ndarray
+    pos: np.ndarray
+    tiles: np.ndarray            # [n, 8]: row, q0, q1, c, pa, pb, xa, xb (q in the row, the rest in key space)
+    k_offset: int                # key index of a row's token t is k_offset + t
+    tgt_row: np.ndarray
+    tgt_pos: np.ndarray
+    tgt_tok: np.ndarray
+    tgt_task: np.ndarray         # local task index
+    tasks: np.ndarray            # local -> global task index
+    real_tokens: int = 0         # response tokens (trunks and branches)
+    prefix_tokens: int = 0       # prefix tokens computed in this batch
+    units: list = field(default_factory=list)
+    own_prefixes: list = field(default_factory=list)   # sparse: prompts whose prefix this batch computes
+    ext_prefixes: list = field(default_factory=list)   # sparse: prompts whose stashed prefix keys it reads
+    keep_prefixes: list = field(default_factory=list)  # sparse: prompts whose prefix keys to stash
+    own_rows: list = field(default_factory=list)       # sparse: (prompt, q0, q1) of each computed prefix
+
+    def visible_keys(self) -> int:
+        """Sum over real queries of the keys each sees (for attention FLOPs)."""
+        t = self.tiles
+        if len(t) == 0:
+            return 0
+        nq = t[:, 2] - t[:, 1]
+        ctx = (t[:, 5] - t[:, 4]) + (t[:, 7] - t[:, 6])
+        first = self.k_offset + t[:, 1] - t[:, 3] + 1  # own keys seen by the tile's first query
+        return int((nq * ctx + nq * first + nq * (nq - 1) // 2).sum())
+
+
+def _localize(targets):
+    """targets (row, pos, tok, global task) -> arrays with local task indices."""
+    if not targets:
+        z = np.zeros(0, dtype=np.int64)
+        return z, z, z, z, z
+    a = np.asarray(targets, dtype=np.int64)
+    tasks, local = np.unique(a[:, 3], return_inverse=True)
+    return a[:, 0], a[:, 1], a[:, 2], local.astype(np.int64), tasks
+
+
+def pack_sparse(units: list[Unit], prefixes: list[list[int]], batch_tokens: int) -> list[Layout]:
+    """Units in prompt order, packed one after another into flat batches (see module doc)."""
+    order = sorted(range(len(units)), key=lambda k: (units[k].prompt, -units[k].length))
+    batches: list[list[Unit]] = []
+    cur, used, seen = [], 0, set()
+    cur_new: set[int] = set()
+    for k in order:
+        u = units[k]
+        cost = u.length + (0 if (u.prompt in seen or u.prompt in cur_new) else len(prefixes[u.prompt]))
+        if cur and used + cost > batch_tokens:
+            batches.append(cur)
+            seen |= cur_new
+            cur, used, cur_new = [], 0, set()
+            cost = u.length + (0 if u.prompt in seen else len(prefixes[u.prompt]))
+        if u.prompt not in seen:
+            cur_new.add(u.prompt)
+        cur.append(u)
+        used += cost
+    if cur:
+        batches.append(cur)
+    # which batch computes each prompt's prefix, and which later batches read it
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for b, us in enumerate(batches):
+        for u in us:
+            first.setdefault(u.prompt, b)
+            last[u.prompt] = b
+    return [
+        _sparse_layout(us, prefixes, [p for p in dict.fromkeys(u.prompt for u in us) if first[p] == b],
+                       [p for p in dict.fromkeys(u.prompt for u in us) if first[p] < b],
+                       [p for p in dict.fromkeys(u.prompt for u in us) if first[p] == b and last[p] > b],
+                       [u for p in first if first[p] == b for u in units if u.prompt == p])
+        for b, us in enumerate(batches)
+    ]
+
+
+def _sparse_layout(units, prefixes, own, ext, keep, prompt_units, chunk: int = 1 << 30) -> Layout:
+    """Flat layout of one sparse batch (chunking of tiles is applied by `split_tiles`)."""
+    E = sum(len(prefixes[p]) for p in ext)
+    pre_range, a = {}, 0
+    for p in ext:
+        pre_range[p] = (a, a + len(prefixes[p]))
+        a += len(prefixes[p])
+    ids, pos, tiles, targets = [], [], [], []
+    f = 0
+    own_rows = []
+    for p in own:
+        L = len(prefixes[p])
+        own_rows.append((p, f, f + L))
+        ids += prefixes[p]
+        pos.append(np.arange(L))
+        tiles.append((0, f, f + L, E + f, 0, 0, 0, 0))
+        pre_range[p] = (E + f, E + f + L)
+        # every target of this prompt predicted by the prefix's last position, whichever batch its unit is in
+        for u in prompt_units:
+            if u.prompt == p:
+                targets += [(0, f + L - 1, t, kk) for q, t, kk in u.targets if q < 0]
+        f += L
+    n_pre = f
+    for u in units:
+        L = len(prefixes[u.prompt])
+        pa, pb = pre_range[u.prompt]
+        ids += u.ids()
+        pos.append(L + u.positions())
+        tiles += [(0, q0, q1, c, pa, pb, xa, xb) for q0, q1, c, xa, xb in u.tiles(f, E + f, chunk)]
+        targets += [(0, f + q, t, kk) for q, t, kk in u.targets if q >= 0]
+        f += u.length
+    tr, tp, tt, tl, tasks = _localize(targets)
+    return Layout(
+        np.asarray(ids, dtype=np.int64)[None], np.concatenate(pos).astype(np.int64)[None],
+        np.asarray(tiles, dtype=np.int64).reshape(-1, 8), E, tr, tp, tt, tl, tasks,
+        real_tokens=f - n_pre, prefix_tokens=n_pre, units=units, own_prefixes=own, ext_prefixes=ext,
+        keep_prefixes=keep, own_rows=own_rows,
+    )
+
+
+def split_tiles(tiles: np.ndarray, chunk: int) -> np.ndarray:
+    """Split tiles longer than `chunk` queries (each piece keeps its key ranges)."""
+    out = []
+    for t in tiles:
+        r, q0, q1 = int(t[0]), int(t[1]), int(t[2])
+        for a in range(q0, q1, chunk):
+            out.append((r, a, min(q1, a + chunk), *[int(x) for x in t[3:]]))
+    return np.asarray(out, dtype=np.int64).reshape(-1, 8)
+
+
+def pack_rows(units: list[Unit], row_tokens: int) -> list[list[Unit]]:
+    """Dense path: first-fit-decreasing packing of a prompt's units into rows of `row_tokens`."""
+    rows: list[tuple[int, int, list[Unit]]] = []
+    for u in sorted(units, key=lambda u: -u.length):
+        for r, (p, used, us) in enumerate(rows):
+            if p == u.prompt and used + u.length <= row_tokens:
+                rows[r] = (p, used + u.length, us + [u])
+                break
+        else:
+            rows.append((u.prompt, u.length, [u]))
+    out = [us for _, _, us in rows]
+    out.sort(key=lambda r: -sum(u.length for u in r))
+    return out
+
+
+def batch_rows(rows: list[list[Unit]], batch_tokens: int) -> list[list[list[Unit]]]:
+    """Dense path: rows (longest first) grouped while B x T stays within `batch_tokens`."""
+    batches, batch = [], []
+    for r in rows:
+        width = max([sum(u.length for u in x) for x in batch + [r]])
+        if not batch or width * (len(batch) + 1) <= batch_tokens:
+            batch.append(r)
+        else:
+            batches.append(batch)
+            batch = [r]
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def dense_layout(rows: list[list[Unit]], pre_len: list[int], p_max: int) -> Layout:
+    """Dense path: rows padded to T; key space per row = p_max prefix cache columns + the row."""
+    B = len(rows)
+    T = max(sum(u.length for u in r) for r in rows)
+    ids = np.zeros((B, T), dtype=np.int64)
+    pos = np.zeros((B, T), dtype=np.int64)
+    tiles, targets = [], []
+    real = 0
+    for b, r in enumerate(rows):
+        L = pre_len[b]
+        off = 0
+        for u in r:
+            n = u.length
+            ids[b, off: off + n] = u.ids()
+            pos[b, off: off + n] = L + u.positions()
+            tiles += [(b, q0, q1, c, 0, L, xa, xb) for q0, q1, c, xa, xb in u.tiles(off, p_max + off, 1 << 30)]
+            targets += [(b, off + q, t, kk) for q, t, kk in u.targets if q >= 0]
+            off += n
+        real += off  # padding positions get no tile: they see keys [0, own] and nothing sees them
+    tr, tp, tt, tl, tasks = _localize(targets)
+    return Layout(ids, pos, np.asarray(tiles, dtype=np.int64).reshape(-1, 8), p_max, tr, tp, tt, tl, tasks,
+                  real_tokens=real, units=[u for r in rows for u in r])
+
+
+def token_ranges(layout: Layout) -> np.ndarray:
+    """Per query token [B, T, 5]: pa, pb, xa, xb, c (the dense mask's inputs)."""
+    B, T = layout.ids.shape
+    out = np.zeros((B, T, 5), dtype=np.int64)
+    out[:, :, 4] = 0
+    for r, q0, q1, c, pa, pb, xa, xb in layout.tiles:
+        out[r, q0:q1] = (pa, pb, xa, xb, c)
+    return out
