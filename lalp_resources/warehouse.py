@@ -438,22 +438,28 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(LINEAGE_VIEW)
         return
 
-    def missing() -> tuple[list[str], list[str], bool]:
+    def missing() -> tuple[list[str], list[str], bool, list[tuple[str, str, str]]]:
         have = {(s, n) for s, n in con.execute(
             "SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()}
         views = {n for (n,) in con.execute(
             "SELECT view_name FROM duckdb_views() WHERE database_name = current_database() AND NOT internal").fetchall()}
-        return ([n for n in SCHEMA if ("main", n) not in have], [n for n in SCHEMA if (FENCE_SCHEMA, n) not in have],
-                "curated_lineage" not in views)
+        cols = {(t, c) for t, c in con.execute(
+            "SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = current_database() "
+            "AND schema_name = 'main'").fetchall()}
+        tables = [n for n in SCHEMA if ("main", n) not in have]
+        added = [a for a in ADDED_COLUMNS if a[0] not in tables and (a[0], a[1]) not in cols]
+        return (tables, [n for n in SCHEMA if (FENCE_SCHEMA, n) not in have], "curated_lineage" not in views, added)
 
-    tables, fences, view = missing()
-    if not (tables or fences or view):
+    tables, fences, view, added = missing()
+    if not (tables or fences or view or added):
         return
 
     def create() -> None:
-        tables, fences, view = missing()
+        tables, fences, view, added = missing()
         for name in tables:
             con.execute(f"CREATE TABLE main.{name} ({LAKE_SCHEMA[name]})")
+        for table, column, kind in added:  # lakes made by an earlier version
+            con.execute(f"ALTER TABLE main.{table} ADD COLUMN {column} {kind}")
         if fences:
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {FENCE_SCHEMA}")
         for name in fences:
