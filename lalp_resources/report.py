@@ -89,7 +89,7 @@ def step_distribution_plot(steps: pl.DataFrame) -> bytes:
     data = [s.filter(pl.col("teacher") == t)["mean_logprob"].to_numpy() for t in order]
     fig, ax = plt.subplots(figsize=(9, 0.55 * max(len(order), 3) + 1.2))
     if data:
-        ax.boxplot(data, vert=False, tick_labels=[label(t) for t in order], showfliers=False)
+        ax.boxplot(data, orientation="horizontal", tick_labels=[label(t) for t in order], showfliers=False)
     ax.invert_yaxis()
     ax.set_xlabel("step score (mean token log-prob in its window)")
     ax.set_title("Step-score distributions per teacher", fontsize=11)
