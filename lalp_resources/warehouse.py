@@ -35,6 +35,11 @@ transaction is retried with jittered backoff by `run_transaction(con, fn)` (and 
 `WarehouseConflict` says what happened. A `with transaction(con):` block cannot be re-run: on
 conflict it raises `WarehouseConflict`; use `run_transaction` where other writers may be active.
 
+`connect(read_only=True)` and `read()` never create anything: on a warehouse that does not exist
+they raise `WarehouseMissing` (a FileNotFoundError naming LALP_WAREHOUSE); a writable `connect()`
+creates the warehouse and its tables. On DuckLake-on-PostgreSQL each process keeps one attached
+instance and hands out cursors (opening costs ~0.3 s once, then milliseconds).
+
 Frames go in and out as Polars via Arrow. Extensions are loaded from the `duckdb-extension-ducklake`
 and `duckdb-extension-postgres-scanner` wheels (pinned with duckdb); nothing is downloaded at run time.
 """
@@ -129,7 +134,7 @@ SCHEMA: dict[str, str] = {
         score_run_id VARCHAR, select_run_id VARCHAR""",
 }
 
-# Columns added after a table first shipped: an older DuckDB warehouse gets them on open.
+# Columns added after a table first shipped: an older warehouse (file or lake) gets them on open.
 ADDED_COLUMNS = [("quarantine", "stage", "VARCHAR")]
 
 # Tables whose rows never change once written (the key determines the row): upserts skip
