@@ -58,9 +58,6 @@ class WindowSpec:
         """Index of the first step in step i's window."""
         return i - self.width(i)
 
-    def starts(self, n_steps: int) -> list[int]:
-        return [self.start(i) for i in range(n_steps)]
-
     def __str__(self) -> str:
         if self.kind == "fixed":
             return "fixed:all" if math.isinf(self.value) else f"fixed:{int(self.value)}"
