@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 from dagster_dev import DagsterDev
+from helpers import temp_dagster_home
 
 pytestmark = pytest.mark.slow
 
@@ -98,9 +99,7 @@ def server(sync_api, tmp_path_factory):
     import duckdb
 
     root = tmp_path_factory.mktemp("browser")
-    home = root / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    home = temp_dagster_home(root)
     (root / "inbox").mkdir()
     source = root / "traces.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in _rows()), encoding="utf-8")

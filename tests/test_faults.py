@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,38 +15,21 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from helpers import REPO, tiny_llama
+from helpers import REPO, save_tiny_student, temp_dagster_home, write_traces
 
 pytestmark = pytest.mark.slow
 
 
-def write_traces(path: Path, n_prompts: int, teachers=("t1", "t2"), paragraphs: int = 8) -> Path:
-    rng = random.Random(0)
-    words = "we note that the sum of x and y equals z so the answer follows from it".split()
-    with open(path, "w") as f:
-        for p in range(n_prompts):
-            for t in teachers:
-                pars = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 40))) + "." for _ in range(paragraphs)]
-                resp = "\n\n".join(pars) + f"\n\nSo the answer is \\boxed{{{p}}}."
-                f.write(json.dumps({"prompt_id": f"q{p}", "prompt": f"Question {p}: what is {p}?", "teacher": t,
-                                    "response": resp, "reference_answer": str(p)}) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory, smol_tokenizer):
-    d = tmp_path_factory.mktemp("student")
     # big enough that scoring takes seconds (so it can be killed midway), small enough for CI
-    tiny_llama(len(smol_tokenizer), seed=5, hidden_size=256, intermediate_size=512, num_hidden_layers=4).save_pretrained(d)
-    smol_tokenizer.save_pretrained(d)
-    return d
+    return save_tiny_student(tmp_path_factory.mktemp("student"), smol_tokenizer, seed=5,
+                             hidden_size=256, intermediate_size=512, num_hidden_layers=4)
 
 
 def lalp_env(root: Path, traces: Path, student: Path) -> dict:
-    home = root / "dagster_home"
-    home.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-    env = dict(os.environ)
+    home = temp_dagster_home(root)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LALP_")}
     env.update(
         DAGSTER_HOME=str(home), LALP_WAREHOUSE=str(root / "lalp.duckdb"), LALP_SOURCES=str(traces),
         LALP_INBOX=str(root / "inbox"), LALP_EXPORTS=str(root / "exports"), LALP_MODEL=str(student),

@@ -12,12 +12,13 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import temp_dagster_home
 
 pytestmark = pytest.mark.slow
 
@@ -94,10 +95,7 @@ def lalp_cmd() -> list[str]:
 
 
 def make_home(root: Path) -> Path:
-    home = root / "dagster_home"
-    home.mkdir(parents=True)
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-    return home
+    return temp_dagster_home(root)
 
 
 def pipeline_env(root: Path, home: Path, sources: Path) -> dict:

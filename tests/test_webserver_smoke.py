@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 from dagster_dev import DagsterDev, graphql
+from helpers import temp_dagster_home
 
 pytestmark = pytest.mark.slow
 
@@ -62,9 +62,7 @@ TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
 def test_launch_run_through_graphql(tmp_path):
     import dagster as dg
 
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    home = temp_dagster_home(tmp_path)
     source = tmp_path / "traces.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
     (tmp_path / "inbox").mkdir()
