@@ -274,6 +274,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # 12-30 s on a shared 2-core machine (four Python processes start and contend)
 def test_concurrent_writers_on_ducklake_postgres_leave_every_row_once(pg, tmp_path):
     n_procs, rounds, n_resp = 4, 6, 8
     wh = lake_on_pg(pg, tmp_path)
