@@ -59,13 +59,13 @@ def _limits(settings: Settings):
                            max_teacher_chars=settings.max_teacher_chars, max_prompt_id_chars=settings.max_prompt_id_chars)
 
 
-def _print_ingest(res, show: int, file=sys.stdout) -> None:
+def _print_ingest(res, show: int, file=sys.stdout, prefix: str = "-") -> None:
     s = res.summary()
     print(f"read {s['read']} rows = {s['accepted']} accepted + {s['quarantined']} quarantined", file=file)
     for reason, n in s["by_reason"].items():
         print(f"  quarantined {reason}: {n}", file=file)
     for row in res.quarantine.head(show).iter_rows(named=True):
-        print(f"  - {str(row['source_uri']).rsplit('/', 1)[-1]}: {row['detail']}", file=file)
+        print(f"  {prefix} {str(row['source_uri']).rsplit('/', 1)[-1]}: {row['detail']}", file=file)
 
 
 # --- lalp score -------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def cmd_score(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = adapters.ingest(args.input, settings.source_format, teacher_mode=settings.teacher_mode, limits=_limits(settings))
-    _print_ingest(res, show=20, file=sys.stderr)
+    _print_ingest(res, show=res.quarantine.height, file=sys.stderr, prefix="skipped:")
     traces = res.traces
     if settings.max_prompts:
         keep = sample_prompts(traces["prompt_id"].to_list(), settings.max_prompts)
