@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,65 +19,37 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from helpers import REPO, ZEROEVAL, check_ingest_invariants, limits, trace_row, write_lines
 
 from lalp_resources import adapters
 from lalp_resources.adapters import (
     QUARANTINE_COLUMNS,
-    REASONS,
     TRACE_COLUMNS,
     dedupe,
     detect_format,
     discover_teachers,
+    expand_sources,
+    file_sha256,
+    finish,
     ingest,
     parse_json_output,
-    read_source,
+    read_one,
     response_id,
 )
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
-ZEROEVAL_DIR = DATA_DIR / "zeroeval-math-l5"
+ZEROEVAL_DIR = ZEROEVAL
+row = trace_row
+check_invariants = check_ingest_invariants
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def row(pid="p1", teacher="t1", prompt="What is 1+1?", response="1+1 = \\boxed{2}", **extra) -> dict:
-    return {"prompt_id": pid, "prompt": prompt, "teacher": teacher, "response": response, **extra}
-
-
-def write_lines(path: Path, lines: list) -> Path:
-    """Write JSONL: dicts are dumped, str encoded, bytes written as is."""
-    out = []
-    for line in lines:
-        if isinstance(line, dict):
-            line = json.dumps(line)
-        if isinstance(line, str):
-            line = line.encode("utf-8")
-        out.append(line)
-    path.write_bytes(b"\n".join(out) + b"\n")
-    return path
+def read(source, fmt="auto", *, verify=True, teacher_mode="model", champ_settings=None, **limit_overrides):
+    """ingest() of one source with the default limits, some overridden."""
+    return ingest(source, fmt, teacher_mode=teacher_mode, limits=limits(**limit_overrides),
+                  champ_settings=champ_settings, verify=verify)
 
 
 def reasons_by_row(res) -> dict[int, str]:
     return dict(zip(res.quarantine["source_row"].to_list(), res.quarantine["reason"].to_list()))
-
-
-def check_invariants(res) -> None:
-    """What must hold for any input: schemas, reconciliation, known reasons."""
-    assert res.traces.columns == TRACE_COLUMNS
-    assert res.quarantine.columns == QUARANTINE_COLUMNS
-    assert res.traces.schema["source_row"] == pl.Int64
-    assert res.traces.schema["is_correct"] == pl.Boolean
-    assert res.n_read == res.traces.height + res.quarantine.height
-    assert set(res.quarantine["reason"].to_list()) <= set(REASONS)
-    assert res.quarantine["detail"].null_count() == 0
-    s = res.summary()
-    assert s["read"] == res.n_read and s["accepted"] + s["quarantined"] == s["read"]
-    assert sum(s["by_reason"].values()) == s["quarantined"]
-    # No two accepted rows share (prompt_id, teacher).
-    assert res.traces.select("prompt_id", "teacher").is_duplicated().sum() == 0
 
 
 # --------------------------------------------------------------------------- canonical JSONL
@@ -94,7 +68,7 @@ def test_canonical_jsonl_good_and_every_bad_row_kind(tmp_path):
             b'{"prompt_id": "p6", "teacher": "t1", "prompt": "q", "response": "\xff\xfe"}',  # 7 bad UTF-8
             row("p1", response="a different answer"),  # 8 conflicting duplicate of line 1
             row(2, response="int prompt id", reference_answer=7),  # 9 exact duplicate of line 2
-            row("p9", response="x" * 1001),  # 10 too large (limit 1000 below)
+            row("p9", response="x" * 1001),  # 10 response too long (limit 1000 below)
             row("p10", response=["not", "a", "string"]),  # 11 invalid type
             row("p11", prompt=""),  # 12 empty prompt
             "[1, 2, 3]",  # 13 JSON but not an object
@@ -102,7 +76,7 @@ def test_canonical_jsonl_good_and_every_bad_row_kind(tmp_path):
             row("p14", teacher="t2", final_answer="given"),  # 15 ok, final_answer given
         ],
     )
-    res = read_source(path, max_response_chars=1000)
+    res = read(path, max_response_chars=1000)
     check_invariants(res)
     assert res.n_read == 14  # 15 lines minus the blank one
     assert sorted(res.traces["prompt_id"].to_list()) == ["2", "p1", "p14"]
@@ -113,7 +87,7 @@ def test_canonical_jsonl_good_and_every_bad_row_kind(tmp_path):
         7: "undecodable_bytes",
         8: "conflicting_duplicate",
         9: "duplicate",
-        10: "too_large",
+        10: "response_too_long",
         11: "invalid_type",
         12: "empty_prompt",
         13: "invalid_type",
@@ -126,7 +100,7 @@ def test_canonical_jsonl_good_and_every_bad_row_kind(tmp_path):
     assert "\ufffd" in q[7]["raw_excerpt"]  # decoded with errors='replace'
     assert "line 1" not in q[8]["detail"] and "row 1" in q[8]["detail"]  # names the kept row
     assert path.resolve().as_uri() in q[8]["detail"]
-    assert q[10]["detail"].startswith("line 10:") and "1001" in q[10]["detail"]
+    assert q[10]["detail"] == "line 10: response is 1,001 characters; limit LALP_MAX_RESPONSE_CHARS=1000"
     assert len(q[10]["raw_excerpt"]) == 300
 
     uri, sha = path.resolve().as_uri(), hashlib.sha256(path.read_bytes()).hexdigest()
@@ -146,7 +120,7 @@ def test_canonical_jsonl_good_and_every_bad_row_kind(tmp_path):
 def test_blank_lines_are_not_counted_and_bom_is_ignored(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(row()).encode() + b"\n\n\r\n  \n")
-    res = read_source(path, verify=False)
+    res = read(path, verify=False)
     check_invariants(res)
     assert (res.n_read, res.traces.height) == (1, 1)
 
@@ -166,7 +140,7 @@ def test_canonical_parquet(tmp_path):
     )
     path = tmp_path / "traces.parquet"
     pq.write_table(table, path)
-    res = read_source(path, max_response_chars=40, verify=False)
+    res = read(path, max_response_chars=40, verify=False)
     check_invariants(res)
     assert res.n_read == 7
     assert sorted(res.traces["prompt_id"].to_list()) == ["1", "2"]
@@ -176,7 +150,7 @@ def test_canonical_parquet(tmp_path):
         3: "empty_response",
         4: "conflicting_duplicate",
         5: "duplicate",
-        6: "too_large",
+        6: "response_too_long",
     }
     det = dict(zip(res.quarantine["source_row"].to_list(), res.quarantine["detail"].to_list()))
     assert det[2] == "row 2: missing field 'teacher'"
@@ -186,16 +160,20 @@ def test_canonical_parquet(tmp_path):
 def test_parquet_missing_column_quarantines_every_row(tmp_path):
     path = tmp_path / "no_teacher.parquet"
     pq.write_table(pa.table({"prompt_id": ["a", "b"], "prompt": ["q", "q"], "response": ["r", "r"]}), path)
-    res = read_source(path, verify=False)
+    res = read(path, verify=False)
     check_invariants(res)
     assert res.traces.height == 0 and res.quarantine["reason"].to_list() == ["missing_field"] * 2
 
 
-def test_corrupt_parquet_is_a_whole_source_error(tmp_path):
+def test_corrupt_parquet_is_one_quarantine_row(tmp_path):
     path = tmp_path / "broken.parquet"
     path.write_bytes(b"PAR1 this is not parquet")
-    with pytest.raises(ValueError, match="cannot read Parquet"):
-        read_source(path)
+    res = read(path)
+    check_invariants(res)
+    assert res.summary() == {"read": 1, "accepted": 0, "quarantined": 1, "by_reason": {"invalid_parquet": 1}}
+    q = res.quarantine.row(0, named=True)
+    assert q["source_row"] is None and q["detail"].startswith("whole file: cannot open as Parquet")
+    assert q["source_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------- messages
@@ -239,7 +217,7 @@ def test_messages_openai_and_sharegpt(tmp_path):
         ],
     )
     assert detect_format(path) == "messages"
-    res = read_source(path)
+    res = read(path)
     check_invariants(res)
     assert res.n_read == 10
     t = {r["teacher"]: r for r in res.traces.iter_rows(named=True)}
@@ -299,7 +277,7 @@ def test_zeroeval_file(tmp_path):
     (d / "summary.json").write_text(json.dumps([{"Model": "gpt-4o-2024-08-06", "Acc": "1"}]))
     assert detect_format(path) == "zeroeval"
 
-    res = read_source(d)  # a directory: summary.json is skipped
+    res = read(d)  # a directory: summary.json is skipped
     check_invariants(res)
     assert res.n_read == len(records)
     assert set(res.traces["teacher"]) == {"gpt-4o-2024-08-06"}
@@ -336,7 +314,7 @@ def test_zeroeval_file(tmp_path):
 def test_zeroeval_whole_file_problem_is_one_quarantine_row(tmp_path, content, reason):
     path = tmp_path / "m.json"
     path.write_bytes(content)
-    res = read_source(path, format="zeroeval")
+    res = read(path, fmt="zeroeval")
     check_invariants(res)
     assert res.n_read == 1 and res.quarantine["reason"].to_list() == [reason]
     assert res.quarantine["source_row"].to_list() == [None]
@@ -362,7 +340,7 @@ def test_parse_json_output_repairs():
 def test_ingest_dedupes_across_sources(tmp_path):
     a = write_lines(tmp_path / "a.jsonl", [row("p1"), row("p2")])
     b = write_lines(tmp_path / "b.jsonl", [row("p1"), row("p2", response="changed"), row("p3")])
-    res = ingest([a, b], verify=False)
+    res = read([a, b], verify=False)
     check_invariants(res)
     assert res.n_read == 5 and res.traces.height == 3
     q = res.quarantine.sort("source_row")
@@ -370,7 +348,7 @@ def test_ingest_dedupes_across_sources(tmp_path):
     assert all(a.resolve().as_uri() in d for d in q["detail"])
     assert set(q["source_uri"]) == {b.resolve().as_uri()}
     # Reading the same file twice: every row of the second copy is a duplicate.
-    res2 = ingest([a, a], verify=False)
+    res2 = read([a, a], verify=False)
     assert res2.summary() == {"read": 4, "accepted": 2, "quarantined": 2, "by_reason": {"duplicate": 2}}
 
 
@@ -389,183 +367,287 @@ def test_dedupe_keeps_first_and_reports_the_kept_row():
     assert bad.columns == QUARANTINE_COLUMNS
 
 
-def test_response_id():
+def test_response_id_hashes_a_canonical_json_encoding():
     rid = response_id("p", "t", "q", "r")
-    assert rid == hashlib.sha256("p\x1ft\x1fq\x1fr".encode()).hexdigest()[:16]
-    assert len(rid) == 16 and rid != response_id("p", "t", "q", "r2")
+    assert rid == hashlib.sha256(b'["p","t","q","r"]').hexdigest()[:16]
+    assert len(rid) == 16 and int(rid, 16) >= 0 and rid != response_id("p", "t", "q", "r2")
+    assert response_id("é", "t", "q", "r") == hashlib.sha256('["é","t","q","r"]'.encode()).hexdigest()[:16]
+
+
+def test_response_ids_cannot_collide_through_a_separator(tmp_path):
+    """Joining fields with U+001F let two different rows share an id; JSON keeps them apart."""
+    assert response_id("p0\u001fevil", "x", "q", "r") != response_id("p0", "evil\u001fx", "q", "r")
+    path = write_lines(tmp_path / "crafted.jsonl", [
+        row("p0\u001fevil", teacher="x", prompt="q", response="r"),
+        row("p0", teacher="evil\u001fx", prompt="q", response="r"),
+    ])
+    res = read(path, verify=False)
+    check_invariants(res)
+    assert res.summary()["accepted"] == 2
+    ids = res.traces["response_id"].to_list()
+    assert len(set(ids)) == 2
+    assert sorted(zip(res.traces["prompt_id"], res.traces["teacher"])) == [("p0", "evil\u001fx"), ("p0\u001fevil", "x")]
 
 
 def test_discover_teachers(tmp_path):
-    a = write_lines(tmp_path / "a.jsonl", [row("p1", teacher="zeta"), row("p1", teacher="alpha"), "bad"])
-    assert discover_teachers([a]) == ["alpha", "zeta"]
+    a = write_lines(tmp_path / "a.jsonl", [row("p1", teacher="zeta"), row("p1", teacher="alpha"), "bad",
+                                           row("p2", teacher="t" * 300)])  # over the teacher limit
+    assert discover_teachers([a], teacher_mode="model", limits=limits()) == ["alpha", "zeta"]
 
 
-def test_detection_and_whole_source_errors(tmp_path):
+def test_detection(tmp_path):
     canon = write_lines(tmp_path / "c.jsonl", ["garbage first", row()])
     assert detect_format(canon) == "canonical"
     jsonl_in_json = write_lines(tmp_path / "c.json", [row()])
     assert detect_format(jsonl_in_json) == "canonical"
-    (tmp_path / "x.csv").write_text("a,b\n")
-    with pytest.raises(ValueError, match="cannot detect"):
-        read_source(tmp_path / "x.csv")
-    with pytest.raises(ValueError, match="not found"):
-        read_source(tmp_path / "missing.jsonl")
+    pq.write_table(pa.table({"prompt_id": ["a"]}), tmp_path / "no_extension")
+    assert detect_format(tmp_path / "no_extension") == "canonical"  # Parquet magic number
+    (tmp_path / "broken_list.json").write_text('[{"id": 1, ')
+    assert detect_format(tmp_path / "broken_list.json") == "zeroeval"  # its reader quarantines it whole
+    assert detect_format("champ") == "champ"
+    for name, content in [("x.csv", "a,b\n"), ("obj.json", '{"not": "a known layout"}'), ("n.json", "just notes")]:
+        (tmp_path / name).write_text(content)
+        with pytest.raises(ValueError, match="cannot detect"):
+            detect_format(tmp_path / name)
+
+
+@pytest.mark.parametrize("name, content, detail", [
+    ("x.csv", "a,b\n", "unknown extension '.csv'"),
+    ("obj.json", '{"not": "a known layout"}', "a JSON object of no known layout"),
+])
+def test_undetectable_file_is_one_quarantine_row(tmp_path, name, content, detail):
+    (tmp_path / name).write_text(content)
+    res = read(tmp_path / name)
+    check_invariants(res)
+    assert res.summary() == {"read": 1, "accepted": 0, "quarantined": 1, "by_reason": {"unknown_format": 1}}
+    assert detail in res.quarantine["detail"][0] and res.quarantine["format"][0] is None
+
+
+def test_configuration_mistakes_raise(tmp_path):
+    canon = write_lines(tmp_path / "c.jsonl", [row()])
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        read(tmp_path / "missing.jsonl")
     with pytest.raises(ValueError, match="unknown format"):
-        read_source(canon, format="csv")
+        read(canon, fmt="csv")
+    with pytest.raises(ValueError, match="teacher_mode"):
+        read(canon, teacher_mode="nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no \\*.json"):
-        read_source(tmp_path / "empty")
-    (tmp_path / "obj.json").write_text('{"not": "a known layout"}')
-    with pytest.raises(ValueError, match="cannot detect"):
-        read_source(tmp_path / "obj.json")
+        read(tmp_path / "empty")
+    with pytest.raises(TypeError, match="Limits"):
+        ingest(canon, teacher_mode="model", limits={"max_prompt_chars": 1})
 
 
-# --------------------------------------------------------------------------- property tests
-
-json_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=30),
-)
-json_values = st.recursive(json_scalars, lambda c: st.one_of(st.lists(c, max_size=4),
-                                                            st.dictionaries(st.text(max_size=8), c, max_size=4)),
-                           max_leaves=12)
-# Field values: anything JSON, plain or blank strings, and strings over the size limit.
-field_values = st.one_of(json_values, st.sampled_from(["", "  ", "ok", "é∑漢🙂"]), st.text(min_size=0, max_size=30),
-                         st.text(alphabet="ab\\{}$", min_size=590, max_size=700))
-FIELDS = ["prompt_id", "prompt", "teacher", "response", "reference_answer", "final_answer", "model"]
+# --------------------------------------------------------------------------- limits
 
 
-def message_lists():
-    turn = st.one_of(
-        json_values,
-        st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", "human", "gpt"]),
-                               "content": field_values}),
-        st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt", "x"]), "value": field_values}),
-    )
-    return st.one_of(json_values, st.lists(turn, max_size=5))
+def test_limits_have_no_defaults_and_must_be_positive():
+    with pytest.raises(TypeError):
+        adapters.Limits()  # the defaults live in lalp_resources/settings.py
+    with pytest.raises(ValueError, match="max_teacher_chars"):
+        limits(max_teacher_chars=0)
+    with pytest.raises(ValueError, match="max_prompt_chars"):
+        limits(max_prompt_chars=True)
+    lim = limits()
+    with pytest.raises(AttributeError):
+        lim.max_prompt_chars = 5  # frozen
 
 
-hostile_dicts = st.fixed_dictionaries(
-    {}, optional={**{f: field_values for f in FIELDS}, "messages": message_lists()}
-)
-good_dicts = st.builds(row, pid=st.one_of(st.integers(0, 5), st.sampled_from(["a", "b"])),
-                       teacher=st.sampled_from(["t1", "t2"]), response=st.sampled_from(["r1", "r2", "x"]))
-good_messages = st.builds(
-    lambda pid, t, r: {"prompt_id": pid, "teacher": t,
-                       "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": r}]},
-    st.integers(0, 3), st.sampled_from(["t1", "t2"]), st.sampled_from(["r1", "r2"]))
-SURROGATE_LINE = b'{"prompt_id": 1, "prompt": "p", "teacher": "t", "response": "\\udc80"}'
-
-jsonl_lines = st.lists(
-    st.one_of(
-        st.binary(max_size=60),  # random bytes, may hold newlines and invalid UTF-8
-        json_values.map(lambda v: json.dumps(v).encode()),
-        hostile_dicts.map(lambda d: json.dumps(d, ensure_ascii=False).encode()),
-        good_dicts.map(lambda d: json.dumps(d).encode()),
-        good_messages.map(lambda d: json.dumps(d).encode()),
-        st.just(SURROGATE_LINE),
-        st.just(b""),
-    ),
-    max_size=25,
-)
-
-PROPERTY = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def expected_jsonl_rows(data: bytes) -> int:
-    lines = data.split(b"\n")
-    if lines and lines[0].startswith(b"\xef\xbb\xbf"):
-        lines[0] = lines[0][3:]
-    return sum(1 for line in lines if line.strip())
-
-
-@pytest.mark.parametrize("fmt", ["canonical", "messages"])
-@PROPERTY
-@given(lines=jsonl_lines)
-def test_property_jsonl_adapters_never_raise_and_reconcile(fmt, lines):
-    data = b"\n".join(lines)
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "hostile.jsonl"
-        path.write_bytes(data)
-        res = read_source(path, format=fmt, max_response_chars=600, verify=False)
-    check_invariants(res)
-    assert res.n_read == expected_jsonl_rows(data)
-
-
-def parquet_columns():
-    """Columns of one random Arrow type each (a Parquet column cannot mix types)."""
-    n = st.shared(st.integers(0, 12), key="nrows")
-    kinds = {
-        "string": (st.one_of(st.none(), field_values.filter(lambda v: isinstance(v, str))), pa.string()),
-        "int": (st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)), pa.int64()),
-        "float": (st.one_of(st.none(), st.floats()), pa.float64()),
-        "bool": (st.one_of(st.none(), st.booleans()), pa.bool_()),
-        "binary": (st.one_of(st.none(), st.binary(max_size=10)), pa.binary()),
-        "list": (st.one_of(st.none(), st.lists(st.text(max_size=5), max_size=3)), pa.list_(pa.string())),
+def test_every_limited_field_is_quarantined_with_its_limit(tmp_path):
+    lim = dict(max_prompt_chars=12, max_response_chars=20, max_teacher_chars=5, max_prompt_id_chars=4)
+    path = write_lines(tmp_path / "sizes.jsonl", [
+        row("p1", teacher="t", prompt="q" * 12, response="r" * 20, reference_answer="a" * 20),  # 1 ok: at the limits
+        row("p2", teacher="t", prompt="q" * 13),  # 2
+        row("p3", teacher="t", response="r" * 21),  # 3
+        row("p4", teacher="t" * 6),  # 4
+        row("p" * 5, teacher="t"),  # 5
+        row(12345, teacher="t"),  # 6: an integer id counts by its digits
+        row("p7", teacher="t", reference_answer="a" * 21),  # 7
+        row("p8", teacher="t", final_answer="a" * 21),  # 8
+    ])
+    res = read(path, verify=False, **lim)
+    check_invariants(res, limits(**lim))
+    assert res.traces["prompt_id"].to_list() == ["p1"]
+    q = {r["source_row"]: (r["reason"], r["detail"]) for r in res.quarantine.iter_rows(named=True)}
+    assert q == {
+        2: ("prompt_too_long", "line 2: prompt is 13 characters; limit LALP_MAX_PROMPT_CHARS=12"),
+        3: ("response_too_long", "line 3: response is 21 characters; limit LALP_MAX_RESPONSE_CHARS=20"),
+        4: ("teacher_too_long", "line 4: teacher is 6 characters; limit LALP_MAX_TEACHER_CHARS=5"),
+        5: ("prompt_id_too_long", "line 5: prompt_id is 5 characters; limit LALP_MAX_PROMPT_ID_CHARS=4"),
+        6: ("prompt_id_too_long", "line 6: prompt_id is 5 characters; limit LALP_MAX_PROMPT_ID_CHARS=4"),
+        7: ("answer_too_long", "line 7: reference_answer is 21 characters; limit LALP_MAX_RESPONSE_CHARS=20"),
+        8: ("answer_too_long", "line 8: final_answer is 21 characters; limit LALP_MAX_RESPONSE_CHARS=20"),
     }
-
-    def column(kind):
-        values, typ = kinds[kind]
-        return n.flatmap(lambda k: st.lists(values, min_size=k, max_size=k)).map(lambda v: pa.array(v, typ))
-
-    col = st.sampled_from(sorted(kinds)).flatmap(column)
-    return st.dictionaries(st.sampled_from(FIELDS[:6]), col, max_size=6).flatmap(
-        lambda cols: n.map(lambda k: (cols, k)))
+    # The quarantine's prompt_id / teacher columns are cut to the limits too.
+    assert res.quarantine["teacher"].str.len_chars().max() <= 5
+    assert res.quarantine["prompt_id"].str.len_chars().max() <= 4
 
 
-@PROPERTY
-@given(spec=parquet_columns())
-def test_property_parquet_never_raises_and_reconciles(spec):
-    cols, nrows = spec
-    table = pa.table(cols) if cols else pa.table({"unrelated": pa.array(range(nrows), pa.int64())})
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "hostile.parquet"
-        pq.write_table(table, path)
-        res = read_source(path, max_response_chars=600, verify=False)
+def test_limits_apply_to_every_format(tmp_path):
+    lim = dict(max_prompt_chars=10, max_response_chars=30)
+    msgs = write_lines(tmp_path / "m.jsonl", [
+        {"teacher": "t", "messages": [{"role": "user", "content": "q" * 11}, {"role": "assistant", "content": "a"}]},
+        {"teacher": "t", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a" * 31}]},
+    ])
+    zpath = tmp_path / "model.json"
+    long_output = '{"reasoning": "' + "r" * 40 + '", "answer": "1"}'  # 72 characters
+    zpath.write_text(json.dumps([
+        {"id": 0, "problem": "q" * 11, "answer": "1", "output": ['{"reasoning": "r", "answer": "1"}']},
+        {"id": 1, "problem": "q", "answer": "1", "output": [long_output]},
+    ]))
+    ppath = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt_id": ["a", "b"], "teacher": ["t", "t"], "prompt": ["q" * 11, "q"],
+                             "response": ["r", "r" * 31]}), ppath)
+    for path, fmt in [(msgs, "messages"), (zpath, "zeroeval"), (ppath, "canonical")]:
+        res = read(path, verify=False, **lim)
+        check_invariants(res)
+        assert res.quarantine["reason"].to_list() == ["prompt_too_long", "response_too_long"], fmt
+    z = read(zpath, verify=False, **lim).quarantine["detail"].to_list()
+    # A ZeroEval response is cut from output[0]: the output is bounded before it is parsed.
+    assert len(long_output) == 72
+    assert z[1] == "record 1: output[0] is 72 characters; limit LALP_MAX_RESPONSE_CHARS=30"
+
+
+_MEMORY_PROBE = """
+import json, resource, sys
+from lalp_resources import adapters
+
+def current_kib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() // 1024
+
+lim = adapters.Limits(max_prompt_chars=100_000, max_response_chars=200_000, max_teacher_chars=256,
+                      max_prompt_id_chars=256)
+before = current_kib()
+res = adapters.ingest([sys.argv[1]], teacher_mode="model", limits=lim)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"growth_kib": peak - before, "summary": res.summary(),
+                  "quarantine": res.quarantine.drop("source_uri", "source_sha256").to_dicts(),
+                  "quarantine_bytes": res.quarantine.estimated_size(), "accepted": res.traces["prompt_id"].to_list()}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident set size from /proc")
+def test_50mb_prompt_is_quarantined_before_it_costs_memory(tmp_path):
+    big = 50 * 1024 * 1024
+    path = tmp_path / "huge.jsonl"
+    with open(path, "w") as f:
+        f.write(json.dumps(row("small")) + "\n")
+        f.write('{"prompt_id": "big", "teacher": "t1", "response": "r", "prompt": "')
+        for _ in range(big // (1 << 20)):
+            f.write("x" * (1 << 20))
+        f.write('"}\n')
+    size = path.stat().st_size
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path)], capture_output=True, text=True,
+                         cwd=REPO, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    assert probe["summary"] == {"read": 2, "accepted": 1, "quarantined": 1, "by_reason": {"prompt_too_long": 1}}
+    assert probe["accepted"] == ["small"]
+    q = probe["quarantine"][0]
+    assert q["detail"] == "line 2: prompt is 52,428,800 characters; limit LALP_MAX_PROMPT_CHARS=100000"
+    assert q["prompt_id"] == "big" and len(q["raw_excerpt"]) <= 300
+    assert probe["quarantine_bytes"] < 100_000  # nothing of the prompt rides along
+    growth = probe["growth_kib"] * 1024
+    print(f"\nfile {size / 2**20:.0f} MiB, peak RSS growth {growth / 2**20:.0f} MiB ({growth / size:.1f}x)")
+    assert growth < 5 * size
+
+
+# --------------------------------------------------------------------------- one file at a time
+
+
+def test_non_json_notes_file_in_a_folder_is_quarantined_and_the_rest_ingested(tmp_path):
+    d = tmp_path / "inbox"
+    d.mkdir()
+    write_lines(d / "a.jsonl", [row("p1"), row("p2")])
+    (d / "notes.json").write_text("Remember to re-run the 8B model.\n")
+    write_lines(d / "z.jsonl", [row("p3")])
+    res = read(d, verify=False)
     check_invariants(res)
-    assert res.n_read == table.num_rows
+    assert res.summary() == {"read": 4, "accepted": 3, "quarantined": 1, "by_reason": {"unknown_format": 1}}
+    q = res.quarantine.row(0, named=True)
+    assert q["source_uri"] == (d / "notes.json").resolve().as_uri() and q["source_row"] is None
+    assert q["source_sha256"] == hashlib.sha256((d / "notes.json").read_bytes()).hexdigest()
+    assert q["detail"].startswith("whole file: cannot detect the format of") and "not JSON or JSONL" in q["detail"]
+    assert q["raw_excerpt"] == ""
 
 
-output_fragments = st.lists(
-    st.one_of(
-        st.sampled_from(["```json\n", "```", "{", "}", '"reasoning": "', '"answer": ', '"', ",", "\n",
-                         "\\frac{1}{2}", "\\", "\\n", "\\u12", "$x$", "[", "]", '"42"', "null"]),
-        st.text(max_size=15),
-    ),
-    max_size=20,
-).map("".join)
-zeroeval_records = st.one_of(
-    json_values,
-    st.dictionaries(st.sampled_from(["id", "problem", "answer", "output"]),
-                    st.one_of(field_values, st.lists(st.one_of(output_fragments, json_values), max_size=2)),
-                    max_size=4),
-    st.builds(lambda i, out, ans: {"id": i, "problem": "p", "answer": ans, "output": [out]},
-              st.integers(0, 5), output_fragments, st.one_of(st.none(), st.text(max_size=5), st.integers())),
-)
-
-
-@PROPERTY
-@given(records=st.lists(zeroeval_records, max_size=15), as_bytes=st.one_of(st.none(), st.binary(max_size=80)))
-def test_property_zeroeval_never_raises_and_reconciles(records, as_bytes):
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "some-model.json"
-        # Mostly a JSON list of hostile records; sometimes a whole file of random bytes.
-        path.write_bytes(as_bytes if as_bytes is not None and len(as_bytes) % 3 == 0 else json.dumps(records).encode())
-        res = read_source(path, format="zeroeval", max_response_chars=600, verify=False)
-        whole_file = res.quarantine.filter(pl.col("source_row").is_null()).height
+def test_half_copied_parquet_in_a_folder_is_quarantined_and_the_rest_ingested(tmp_path):
+    d = tmp_path / "src"
+    d.mkdir()
+    pq.write_table(pa.table({"prompt_id": [f"p{i}" for i in range(50)], "teacher": ["t"] * 50,
+                             "prompt": ["q"] * 50, "response": [f"r{i}" for i in range(50)]}), d / "a.parquet")
+    data = (d / "a.parquet").read_bytes()
+    (d / "b.parquet").write_bytes(data[: len(data) // 2])  # copy interrupted half-way
+    write_lines(d / "c.jsonl", [row("p100", teacher="u")])
+    res = read(d, verify=False)
     check_invariants(res)
-    assert res.n_read == (1 if whole_file else len(records))
-    assert set(res.traces["teacher"]) <= {"some-model"}
+    assert res.summary() == {"read": 52, "accepted": 51, "quarantined": 1, "by_reason": {"invalid_parquet": 1}}
+    q = res.quarantine.row(0, named=True)
+    assert q["source_uri"].endswith("/b.parquet") and q["source_row"] is None and q["format"] == "canonical"
+    assert q["source_sha256"] == hashlib.sha256(data[: len(data) // 2]).hexdigest()
+    assert q["detail"].startswith("whole file: cannot open as Parquet")
 
 
-@settings(max_examples=40, deadline=None)
-@given(text=st.one_of(output_fragments, st.text(max_size=200)))
-def test_property_parse_json_output_returns_or_raises_valueerror(text):
+def test_file_that_vanished_or_is_not_a_regular_file_is_quarantined(tmp_path):
+    gone = write_lines(tmp_path / "gone.jsonl", [row()])
+    items = expand_sources([gone])
+    gone.unlink()  # removed between listing and reading
+    res = read_one(items[0], teacher_mode="model", limits=limits())
+    check_invariants(res)
+    assert res.summary()["by_reason"] == {"unreadable_file": 1}
+    assert res.quarantine["source_sha256"][0] is None and "no such file" in res.quarantine["detail"][0]
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)  # opening it would block forever: never opened
+    good = write_lines(tmp_path / "good.jsonl", [row()])
+    res = read([fifo, good], verify=False)
+    check_invariants(res)
+    assert res.summary() == {"read": 2, "accepted": 1, "quarantined": 1, "by_reason": {"unreadable_file": 1}}
+    assert "not a regular file" in res.quarantine["detail"][0]
+
+
+def test_expand_sources_and_file_sha256(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    for name in ["b.jsonl", "a.parquet", "c.json", "summary.json", "readme.txt"]:
+        (d / name).write_text("x")
+    (d / "sub").mkdir()
+    single = write_lines(tmp_path / "one.jsonl", [row()])
+    assert expand_sources([single, d, "champ"]) == [
+        str(single), str(d / "a.parquet"), str(d / "b.jsonl"), str(d / "c.json"), "champ"]
+    assert expand_sources(str(single)) == [str(single)]
+    with pytest.raises(FileNotFoundError, match="nope.jsonl") as err:
+        expand_sources([single, tmp_path / "nope.jsonl"])
+    assert err.value.filename == str(tmp_path / "nope.jsonl")
+    assert file_sha256(single) == hashlib.sha256(single.read_bytes()).hexdigest()
+
+
+def test_file_sha256_of_the_champ_spec():
     try:
-        r, a = parse_json_output(text)
+        path = adapters.champ_path()
     except ValueError:
-        return
-    assert isinstance(r, str) and r.strip() and (a is None or isinstance(a, str))
+        pytest.skip("champ-dataset package not installed")
+    assert file_sha256("champ") == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_read_one_then_finish_equals_ingest(tmp_path):
+    a = write_lines(tmp_path / "a.jsonl", [row("p1"), row("p2"), row("p2"), "{bad"])
+    b = write_lines(tmp_path / "b.jsonl", [row("p1"), row("p2", response="changed"), row("p3")])
+    one = read_one(a, teacher_mode="model", limits=limits())
+    # Per-file: the repeated line is already a duplicate; answers are not verified yet.
+    assert one.summary() == {"read": 4, "accepted": 2, "quarantined": 2,
+                             "by_reason": {"duplicate": 1, "invalid_json": 1}}
+    assert one.traces["verify_reason"].null_count() == 2
+    parts = [one, read_one(b, teacher_mode="model", limits=limits())]
+    done = finish(parts)
+    check_invariants(done)
+    assert done.summary() == read([a, b]).summary() == {
+        "read": 7, "accepted": 3, "quarantined": 4,
+        "by_reason": {"conflicting_duplicate": 1, "duplicate": 2, "invalid_json": 1}}
+    assert done.traces["verify_reason"].null_count() == 0  # finish verified the answers
+    cross = done.quarantine.filter(pl.col("source_uri") == b.resolve().as_uri())
+    assert all(a.resolve().as_uri() in d for d in cross["detail"])  # names the row it repeats
+    assert finish([]).summary() == {"read": 0, "accepted": 0, "quarantined": 0, "by_reason": {}}
 
 
 # --------------------------------------------------------------------------- CHAMP
@@ -584,7 +666,7 @@ champ = pytest.mark.skipif(not _champ_available(), reason="champ-dataset package
 
 @champ
 def test_champ_default_four_teachers_zero_shot():
-    res = read_source("champ", verify=False)
+    res = read("champ", verify=False)
     check_invariants(res)
     s = res.summary()
     assert s == {"read": 1080, "accepted": 1080, "quarantined": 0, "by_reason": {}}
@@ -601,32 +683,33 @@ def test_champ_default_four_teachers_zero_shot():
     # final_answer is the model's one-sentence summary; 12 solutions hit the length limit
     # and have none.
     assert res.traces["final_answer"].null_count() == 12
-    assert read_source("champ:v0", verify=False).traces.height == 1080
-    assert discover_teachers(["champ"]) == ["GPT-3.5", "GPT-4", "GPT-4 Turbo", "PaLM 2 Medium"]
+    assert read("champ:v0", verify=False).traces.height == 1080
+    assert discover_teachers(["champ"], teacher_mode="model", limits=limits()) == [
+        "GPT-3.5", "GPT-4", "GPT-4 Turbo", "PaLM 2 Medium"]
 
 
 @champ
 def test_champ_model_plus_setting_and_settings_filter():
-    res = read_source("champ", teacher_mode="model+setting", verify=False)
+    res = read("champ", teacher_mode="model+setting", verify=False)
     check_invariants(res)
     per = res.traces.group_by("teacher").len()
     assert per.height == 72 and set(per["len"]) == {270}  # 4 models x 18 settings
     assert "GPT-4/0-Shot" in set(per["teacher"]) and "PaLM 2 Medium/Misleading C w/ H" in set(per["teacher"])
     # Several settings under teacher_mode="model": one response per (problem, model) is kept.
-    two = read_source("champ", champ_settings=("0-Shot", "5-Shot"), verify=False)
+    two = read("champ", champ_settings=("0-Shot", "5-Shot"), verify=False)
     check_invariants(two)
     assert two.traces.height == 1080 and two.summary()["by_reason"] == {"conflicting_duplicate": 1080}
     with pytest.raises(ValueError, match="unknown CHAMP setting"):
-        read_source("champ", champ_settings=("7-Shot",))
+        read("champ", champ_settings=("7-Shot",))
     with pytest.raises(ValueError, match="teacher_mode"):
-        read_source("champ", teacher_mode="nope")
+        read("champ", teacher_mode="nope")
 
 
 @champ
 def test_champ_annotation_on_a_sample():
     from lalp_resources.method.answers import annotate
 
-    res = read_source("champ", verify=False)
+    res = read("champ", verify=False)
     sample = annotate(res.traces.filter(pl.col("prompt_id").str.starts_with("P_Combinatorics_")).head(40))
     assert sample["verify_reason"].null_count() == 0
     assert sample["is_correct"].sum() > 0  # some summaries do match their reference
@@ -644,7 +727,7 @@ def test_zeroeval_folder_accuracy_matches_zeroeval_summary():
     assert len(teachers) == 8
 
     t0 = time.perf_counter()
-    raw = ingest([ZEROEVAL_DIR], verify=False)
+    raw = read(ZEROEVAL_DIR, verify=False)
     t_read = time.perf_counter() - t0
     from lalp_resources.method.answers import annotate
 
