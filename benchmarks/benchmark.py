@@ -13,9 +13,17 @@ the same process with the same model: by `reference_score` (one plain forward pe
 GALP), then by `ScoringEngine.score_all`. The model is warmed up first on a tiny item so neither
 pays first-call costs. Both throughputs count the same tokens: the scored response tokens (sum
 over steps of n_tokens, plus the GALP tokens) divided by wall seconds. Step means are compared
-step by step; the LAST printed line is always
+step by step.
 
-    speedup=<engine tok/s / reference tok/s, 2 decimals> max_abs_diff=<%.2e>
+**Efficiency**, in the same run: the machine's matmul rate on the student's own weight shapes
+is timed just before and just after the engine (the faster counts), and `peak_fraction` is the
+engine's model FLOPs per second (decoder weights per token-forward, attention over the keys each
+query sees, the head on scored positions; padding and masked work not counted) over that rate.
+`floor_ratio` is the positions the engine ran through the model (padding included) over the
+exact floor: the token-forwards the window definition forces (`exact_floor`). The LAST printed
+line is always
+
+    speedup=<engine tok/s / reference tok/s, 2 decimals> max_abs_diff=<%.2e> peak_fraction=<%.3f> floor_ratio=<%.3f>
 
 **Memory (`--memory`).** Synthetic long traces built from the real ones (a few huge paragraphs,
 so windows are long but few) are scored by the engine only, GALP included; the reference would
@@ -25,7 +33,7 @@ call (and reports `ru_maxrss`). Default sizes: 1k, 8k and 32k tokens on CUDA; 1k
 the CPU, where 32k takes long in float32: `--memory-only --memory-sizes 1000,8000,32000
 --memory-steps 2 --threads 1` measured 305 / 722 / 1,922 MB peak RSS growth, the 32k trace in 28 min.
 
-Inputs: `<repo>/../shared/data/zeroeval-math-l5` (ZeroEval MATH level 5); if it is absent, the
+Inputs: the shared ZeroEval MATH level 5 traces (`ZEROEVAL_DIR`, or `--data`); if they are absent, the
 embedded CHAMP traces (`ingest("champ")`), with a message saying so. Or a bundle (see
 "bundles" below and `benchmarks/gpu_check.py`): what a GPU lease can carry.
 """
@@ -54,7 +62,8 @@ DEFAULT_WINDOW = "fixed:4"
 CPU_MEMORY_SIZES = (1000, 4000, 8000)
 GPU_MEMORY_SIZES = (1000, 8000, 32000)
 MEMORY_STEPS = 8
-FINAL_LINE_RE = re.compile(r"^speedup=(\d+\.\d{2}|inf|nan) max_abs_diff=(\d\.\d{2}e[+-]\d{2}|inf|nan)$")
+FINAL_LINE_RE = re.compile(r"^speedup=(\d+\.\d{2}|inf|nan) max_abs_diff=(\d\.\d{2}e[+-]\d{2}|inf|nan) "
+                           r"peak_fraction=(\d+\.\d{3}|nan) floor_ratio=(\d+\.\d{3}|nan)$")
 _MEMORY_TAG = "LALP_MEMORY_RESULT "
 
 # Dense bf16 peak FLOP/s (no sparsity) by GPU name; the first matching key wins.
@@ -89,10 +98,13 @@ def natural_key(s: str):
     return (0, int(s), "") if s.isdigit() else (1, 0, s)
 
 
-def format_final_line(speedup: float, max_abs_diff: float) -> str:
+def format_final_line(speedup: float, max_abs_diff: float, peak_fraction: float = math.nan,
+                      floor_ratio: float = math.nan) -> str:
     sp = f"{speedup:.2f}" if math.isfinite(speedup) else ("inf" if speedup > 0 else "nan")
     md = f"{max_abs_diff:.2e}" if math.isfinite(max_abs_diff) else ("inf" if max_abs_diff > 0 else "nan")
-    return f"speedup={sp} max_abs_diff={md}"
+    pf = f"{peak_fraction:.3f}" if math.isfinite(peak_fraction) else "nan"
+    fr = f"{floor_ratio:.3f}" if math.isfinite(floor_ratio) else "nan"
+    return f"speedup={sp} max_abs_diff={md} peak_fraction={pf} floor_ratio={fr}"
 
 
 def throughput(tokens: int, seconds: float) -> float:
@@ -177,6 +189,124 @@ def reference_forward_tokens(tokenizer, item, window: str = DEFAULT_WINDOW, temp
     return total, calls
 
 
+# --------------------------------------------------------------------------- efficiency
+# Two yardsticks, measured in the same run as the engine:
+# - the hardware: the machine's matmul rate on the student's own weight shapes (one decoder
+#   layer's linear maps at the engine's batch rows, the LM head at its chunk rows), in the dtype
+#   and thread count of the run. `peak_fraction` = the engine's model FLOPs per second over that
+#   rate, where model FLOPs = 2 x decoder weights per token-forward + 4 x layers x heads x
+#   head_dim per (query, visible key) pair + 2 x d x vocab per head position. Padding and masked
+#   attention are not counted: they are waste.
+# - the exact floor: the token-forwards the window definition forces (see `exact_floor`).
+#   `floor_ratio` = every position the engine ran through the model (padding included) over it.
+
+
+@dataclass
+class ModelFlops:
+    body: float   # per token-forward: 2 x the decoder layers' weight-matrix parameters
+    head: float   # per head position: 2 x hidden x vocab
+    pair: float   # per (query, visible key) pair: 4 x layers x heads x head_dim (QK^T and PV)
+
+
+def model_flops(model) -> ModelFlops:
+    import torch
+
+    cfg = model.config
+    layers = model.model.layers
+    body = sum(2 * m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear))
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return ModelFlops(float(body), 2.0 * model.get_output_embeddings().weight.numel(),
+                      4.0 * cfg.num_hidden_layers * cfg.num_attention_heads * hd)
+
+
+def engine_flops(mf: ModelFlops, stats: dict) -> dict[str, float]:
+    body = mf.body * (stats["tokens_forwarded"] + stats["prefix_tokens"])
+    head = mf.head * stats["head_positions"]
+    attn = float(stats.get("attention_flops", 0.0))
+    return {"body": body, "head": head, "attention": attn, "total": body + head + attn}
+
+
+def matmul_rates(model, rows: int, head_rows: int, seconds: float = 1.0) -> dict[str, float]:
+    """Best sustained FLOP/s of `F.linear` on the student's own weights: a decoder layer's linear
+    maps at `rows` rows (`body`) and the LM head at `head_rows` rows (`head`)."""
+    import torch
+    import torch.nn.functional as F
+
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    weights = [m.weight for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear)]
+    head = model.get_output_embeddings().weight
+
+    def rate(ws, m):
+        xs = {w.shape[1]: torch.randn(m, w.shape[1], dtype=dtype, device=dev) for w in ws}
+        flops = sum(2.0 * m * w.numel() for w in ws)
+        best, spent = math.inf, 0.0
+        with torch.no_grad():
+            for w in ws:  # warm
+                F.linear(xs[w.shape[1]], w)
+            while spent < seconds or best == math.inf:
+                _sync(dev)
+                t0 = time.perf_counter()
+                for w in ws:
+                    F.linear(xs[w.shape[1]], w)
+                _sync(dev)
+                dt = time.perf_counter() - t0
+                best, spent = min(best, dt), spent + dt
+        return flops / best
+
+    return {"body": rate(weights, rows), "head": rate([head], head_rows)}
+
+
+def ceiling_rate(flops: dict[str, float], rates: dict[str, float]) -> float:
+    """FLOP/s the run would reach if every FLOP ran at the matmul rate of its kind (attention
+    at the body rate)."""
+    t = (flops["body"] + flops["attention"]) / rates["body"] + flops["head"] / rates["head"]
+    return flops["total"] / t if t > 0 else math.nan
+
+
+def _trie_nodes(seqs: list[list[int]]) -> int:
+    """Nodes of the trie of token sequences: the distinct (prefix) states to compute."""
+    seqs = sorted(seqs)
+    total, prev = 0, []
+    for s_ in seqs:
+        n = min(len(s_), len(prev))
+        i = 0
+        while i < n and s_[i] == prev[i]:
+            i += 1
+        total += len(s_) - i
+        prev = s_
+    return total
+
+
+def exact_floor(tokenizer, items, window: str = DEFAULT_WINDOW, template: str = "chat") -> dict[str, int]:
+    """The token-forwards the definition forces, computed from the tokenization alone.
+
+    A window scoring tokens j0..j1-1 of its own tokenization needs its predictors, tokens
+    0..j1-2, computed with the context that starts at the window's first step. Windows with the
+    same start share what their token sequences share (a trie per start; GALP starts at 0), and
+    every prompt's prefix is needed once. Returns response, prefix and total token-forwards."""
+    from lalp_resources.method.tokenization import prefix_ids, scored_range, tokenize_with_starts
+    from lalp_resources.method.windows import WindowSpec
+
+    w = WindowSpec.parse(window)
+    prefix = sum(len(prefix_ids(tokenizer, p, template)) for p in dict.fromkeys(it.prompt for it in items))
+    response = 0
+    for it in items:
+        spans = list(it.spans)
+        by_start: dict[int, list[list[int]]] = {}
+        for i, (lo, hi) in enumerate(spans):
+            a = spans[w.start(i)][0]
+            ids, starts = tokenize_with_starts(tokenizer, it.text[a:hi])
+            j0, j1 = scored_range(starts, lo - a, hi - a)
+            if j1 > j0:
+                by_start.setdefault(a, []).append(ids[: j1 - 1])
+        ids, _ = tokenize_with_starts(tokenizer, it.text)
+        if ids:
+            by_start.setdefault(spans[0][0], []).append(ids[:-1])
+        response += sum(_trie_nodes(v) for v in by_start.values())
+    return {"response": response, "prefix": prefix, "total": response + prefix}
+
+
 # --------------------------------------------------------------------------- the two runs
 
 
@@ -246,7 +376,8 @@ def run_engine(model, tokenizer, items, window: str = DEFAULT_WINDOW, template: 
     toks = {(s.response_id, s.step_index): s.n_tokens for s in out.steps}
     galp = {r.response_id: r.galp for r in out.responses}
     galp_toks = {r.response_id: r.galp_tokens for r in out.responses}
-    return RunResult("engine", seconds, means, toks, galp, galp_toks, {"stats": engine.stats.as_dict()}, cpu)
+    return RunResult("engine", seconds, means, toks, galp, galp_toks,
+                     {"stats": engine.stats.as_dict(), "batch_tokens": engine.batch_tokens}, cpu)
 
 
 @dataclass
@@ -305,6 +436,32 @@ class BenchResult:
     reference_forward_calls: int = 0
     peak_flops: float | None = None
     peak_name: str = ""
+    flops: dict = field(default_factory=dict)      # the engine's model FLOPs by kind (`engine_flops`)
+    rates: list = field(default_factory=list)      # matmul rates measured before and after the engine
+    floor: dict = field(default_factory=dict)      # `exact_floor`
+
+    @property
+    def ceiling(self) -> float:
+        """The run's matmul ceiling (FLOP/s): the faster of the two measurements (conservative)."""
+        cs = [ceiling_rate(self.flops, r) for r in self.rates] if self.flops else []
+        return max(cs) if cs else math.nan
+
+    @property
+    def achieved_flops(self) -> float:
+        return self.flops.get("total", math.nan) / self.engine.seconds if self.flops else math.nan
+
+    @property
+    def peak_fraction(self) -> float:
+        return self.achieved_flops / self.ceiling if self.rates else math.nan
+
+    @property
+    def engine_work(self) -> int:
+        st = self.engine.extra["stats"]
+        return st["tokens_forwarded"] + st["prefix_tokens"] + st.get("padded_tokens", 0)
+
+    @property
+    def floor_ratio(self) -> float:
+        return self.engine_work / self.floor["total"] if self.floor.get("total") else math.nan
 
     @property
     def speedup(self) -> float:
@@ -313,7 +470,7 @@ class BenchResult:
 
     @property
     def final_line(self) -> str:
-        return format_final_line(self.speedup, self.comparison.max_abs_diff)
+        return format_final_line(self.speedup, self.comparison.max_abs_diff, self.peak_fraction, self.floor_ratio)
 
     def mfu(self) -> dict[str, float] | None:
         if self.peak_flops is None:
@@ -361,6 +518,24 @@ class BenchResult:
                 f"{self.peak_flops / 1e12:.0f} TFLOP/s bf16 dense for '{self.peak_name}'): "
                 f"engine {100 * m['engine']:.2f}%, reference {100 * m['reference']:.2f}%"
             )
+        if self.rates:
+            f = self.flops
+            r0 = self.rates[0]
+            lines.append(
+                f"hardware: matmul on the student's shapes ({self.dtype}, {self.rates[0].get('threads', '?')} threads), "
+                + "; ".join(f"{k} {r['body'] / 1e9:.1f} / head {r['head'] / 1e9:.1f} GFLOP/s"
+                            for k, r in zip(("before", "after"), self.rates))
+                + f" -> ceiling {self.ceiling / 1e9:.1f} GFLOP/s for this mix")
+            lines.append(
+                f"engine model FLOPs: body {f['body'] / 1e12:.3f} + attention {f['attention'] / 1e12:.3f} + head "
+                f"{f['head'] / 1e12:.3f} = {f['total'] / 1e12:.3f} TFLOP in {self.engine.seconds:.2f}s = "
+                f"{self.achieved_flops / 1e9:.1f} GFLOP/s -> peak_fraction {self.peak_fraction:.3f}"
+                + ("" if r0 else ""))
+        if self.floor:
+            fl = self.floor
+            lines.append(
+                f"exact floor: {fl['response']} response + {fl['prefix']} prefix = {fl['total']} token-forwards; "
+                f"engine ran {self.engine_work} (padding {st.get('padded_tokens', 0)}) -> floor_ratio {self.floor_ratio:.3f}")
         lines.append(
             f"agreement: step max |diff| = {c.max_abs_diff:.2e} (worst {c.worst}), mean |diff| = {c.mean_abs_diff:.2e}, "
             f"GALP max |diff| = {c.galp_max_diff:.2e}, steps compared = {c.n_steps}, missing = {c.missing}, "
@@ -384,7 +559,8 @@ def _warmup(model, tokenizer, window: str, template: str) -> None:
 
 def run_benchmark(model, tokenizer, items, *, window: str = DEFAULT_WINDOW, template: str = "chat",
                   warmup: bool = True, dtype: str = "", peak_flops: float | None = None,
-                  engine_kw: dict | None = None, log: Callable[[str], None] = print) -> BenchResult:
+                  engine_kw: dict | None = None, log: Callable[[str], None] = print,
+                  measure_hardware: bool = True) -> BenchResult:
     """The core: warm up, run the reference then the engine on the same items, compare."""
     import torch
 
@@ -400,8 +576,21 @@ def run_benchmark(model, tokenizer, items, *, window: str = DEFAULT_WINDOW, temp
     ref = run_reference(model, tokenizer, items, window, template)
     log(f"reference: {ref.seconds:.1f}s, {ref.tokens_per_s:.1f} tok/s; engine ... (load average {_loadavg()})")
     gc.collect()
+    from lalp_resources.engine.head import head_rows
+
+    batch_rows_ = (engine_kw or {}).get("batch_tokens") or (65536 if dev.type == "cuda" else 4096)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    rates = []
+    if measure_hardware:
+        rates.append(dict(matmul_rates(model, batch_rows_, head_rows(vocab)), threads=torch.get_num_threads()))
+        log(f"matmul rate: {rates[0]['body'] / 1e9:.1f} GFLOP/s (layer shapes), {rates[0]['head'] / 1e9:.1f} (head); "
+            f"engine ... (load average {_loadavg()})")
     eng = run_engine(model, tokenizer, items, window, template, **(engine_kw or {}))
     log(f"engine: {eng.seconds:.1f}s, {eng.tokens_per_s:.1f} tok/s (load average {_loadavg()})")
+    if measure_hardware:
+        rates.append(dict(matmul_rates(model, batch_rows_, head_rows(vocab)), threads=torch.get_num_threads()))
+    flops = engine_flops(model_flops(model), eng.extra["stats"])
+    floor = exact_floor(tokenizer, items, window, template)
     peak_name = ""
     if dev.type == "cuda" and peak_flops is None:
         peak_flops, peak_name = gpu_peak_flops(torch.cuda.get_device_name(dev))
@@ -411,7 +600,7 @@ def run_benchmark(model, tokenizer, items, *, window: str = DEFAULT_WINDOW, temp
     return BenchResult(
         ref, eng, compare(ref, eng), len(items), sum(p.numel() for p in model.parameters()),
         str(dev), dtype or str(next(model.parameters()).dtype).removeprefix("torch."),
-        fwd, calls, peak_flops, peak_name,
+        fwd, calls, peak_flops, peak_name, flops, rates, floor,
     )
 
 
@@ -427,13 +616,32 @@ def _loadavg() -> str:
 
 def load_traces(data_dir: Path | None = None, log: Callable[[str], None] = print):
     """(traces frame, description): the ZeroEval traces, or CHAMP when they are absent."""
-    from lalp_resources.adapters import ingest
-
     data_dir = Path(data_dir) if data_dir else ZEROEVAL_DIR
     if data_dir.is_dir():
-        return ingest(data_dir, "zeroeval", verify=False).traces, f"zeroeval ({data_dir})"
+        return _ingest(data_dir, "zeroeval").traces, f"zeroeval ({data_dir})"
     log(f"NOTE: {data_dir} is absent; falling back to the embedded CHAMP traces (ingest('champ')).")
-    return ingest("champ", verify=False).traces, "champ (embedded fallback)"
+    return _ingest("champ", "auto").traces, "champ (embedded fallback)"
+
+
+def _ingest(source, fmt: str):
+    """`adapters.ingest` with the pipeline's default teacher mode and size limits (settings)."""
+    import inspect
+
+    from lalp_resources import adapters
+
+    params = inspect.signature(adapters.ingest).parameters
+    kw = {"verify": False}
+    if "teacher_mode" in params or "limits" in params:
+        from lalp_resources.settings import Settings
+
+        st = Settings()
+        if "teacher_mode" in params:
+            kw["teacher_mode"] = st.teacher_mode
+        if "limits" in params:
+            kw["limits"] = adapters.Limits(
+                max_prompt_chars=st.max_prompt_chars, max_response_chars=st.max_response_chars,
+                max_teacher_chars=st.max_teacher_chars, max_prompt_id_chars=st.max_prompt_id_chars)
+    return adapters.ingest(source, fmt, **kw)
 
 
 # --------------------------------------------------------------------------- bundles
@@ -725,7 +933,8 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--device", default="auto")
     p.add_argument("--segmenter", default="paragraph", choices=("paragraph", "line", "sentence"))
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's own; 1 is steadier on a CPU shared with other work)")
+                   help="torch CPU threads (default: the cores this process may run on; 1 is steadier on a CPU "
+                   "shared with other work)")
     p.add_argument("--row-tokens", type=int, default=None, help="engine row_tokens (default: the engine's)")
     p.add_argument("--batch-tokens", type=int, default=None, help="engine batch_tokens (default: the engine's)")
     p.add_argument("--model", default="smollm2", help="student spec for load_student (default: smollm2)")
@@ -754,6 +963,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    else:
+        from lalp_resources.engine.exact import pin_threads
+
+        pin_threads()
     if args.memory_worker is not None:
         _memory_worker(args)
         return 0

@@ -2,7 +2,7 @@
 
     python3 -m benchmarks.gpu_check        # writes its logs under $OUT (default /tmp/gpu_check)
 
-Before the lease, on the CPU machine (needs ../shared/data and the embedded student), write the
+Before the lease, on the CPU machine (needs the shared ZeroEval data and the embedded student), write the
 inputs a lease can carry: `make gpu-bundle` (= `python -m benchmarks.benchmark --prompts 24
 --write-bundle .devbundle`, ~4 MiB: ZeroEval rows plus the student's config and tokenizer), and
 name `.devbundle` in the device run's `carry` (it is git-ignored). The
@@ -11,11 +11,13 @@ lease's image has torch and transformers; nothing else of ours is imported. The 
 MFU and engine == reference do not depend on the weight values.
 
 Steps, each with its own time limit, each log in $OUT:
-1. `tests/test_gpu.py`: engine == reference on CUDA in float32 (packed rows, chunked long rows,
-   fixed and fraction windows, both templates).
+1. `tests/test_gpu.py`: engine == reference on CUDA in float32 for both attention paths (sparse
+   tiles on fused SDPA kernels, dense-mask fallback), chunked long rows, fixed and fraction
+   windows, both templates; one device-to-host copy per batch.
 2. The benchmark in float32 on CUDA: the GPU's `max_abs_diff`.
 3. The benchmark in bf16 (the CUDA default) with `--memory`: speedup, MFU, peak memory at 1k, 8k
-   and 32k tokens. Its last line is `speedup=... max_abs_diff=...`.
+   and 32k tokens. Its last line is `speedup=... max_abs_diff=... peak_fraction=... floor_ratio=...`
+   (peak_fraction against the GPU's own matmul rate on the student's shapes, measured in the run).
 """
 
 from __future__ import annotations

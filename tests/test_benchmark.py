@@ -30,11 +30,46 @@ def _items(tokenizer):
 
 
 def test_format_final_line():
-    line = bm.format_final_line(3.14159, 1.234e-6)
-    assert line == "speedup=3.14 max_abs_diff=1.23e-06"
+    line = bm.format_final_line(3.14159, 1.234e-6, 0.7777, 1.0234)
+    assert line == "speedup=3.14 max_abs_diff=1.23e-06 peak_fraction=0.778 floor_ratio=1.023"
     assert bm.FINAL_LINE_RE.match(line)
-    assert bm.format_final_line(12.0, 0.0) == "speedup=12.00 max_abs_diff=0.00e+00"
+    assert bm.format_final_line(12.0, 0.0, 0.5, 1.0) == "speedup=12.00 max_abs_diff=0.00e+00 peak_fraction=0.500 floor_ratio=1.000"
     assert bm.FINAL_LINE_RE.match(bm.format_final_line(float("inf"), float("nan")))
+    assert not bm.FINAL_LINE_RE.match("speedup=3.14 max_abs_diff=1.23e-06")
+
+
+def test_exact_floor_counts_shared_window_prefixes_once(smol_tokenizer):
+    """fixed:0 windows share nothing; fixed:all windows all start at step 0 and are prefixes of
+    GALP's pass where the tokenizer is prefix-stable (single newlines before words)."""
+    from lalp_resources.method.tokenization import prefix_ids, tokenize_with_starts
+
+    text = "Let x = 2.\nThen x^2 = 4.\nAdd 3 to get 7.\nSo the answer is 7."
+    spans = segment(text, "line")
+    item = ScoreItem("r", "Q?", text, spans)
+    npre = len(prefix_ids(smol_tokenizer, "Q?", "chat"))
+    n = len(tokenize_with_starts(smol_tokenizer, text)[0])
+    full = bm.exact_floor(smol_tokenizer, [item], "fixed:all")
+    assert full == {"response": n - 1, "prefix": npre, "total": n - 1 + npre}
+    alone = bm.exact_floor(smol_tokenizer, [item], "fixed:0")
+    own = [len(tokenize_with_starts(smol_tokenizer, text[a:b])[0]) - 1 for a, b in spans[1:]]
+    assert alone["response"] == (n - 1) + sum(own)  # GALP covers step 0; every other step alone
+    # two teachers answering the same prompt: one prefix
+    two = bm.exact_floor(smol_tokenizer, [item, ScoreItem("s", "Q?", text, spans)], "fixed:all")
+    assert two["prefix"] == npre and two["response"] == 2 * (n - 1)
+
+
+def test_peak_fraction_and_ceiling_arithmetic(tiny_model):
+    mf = bm.model_flops(tiny_model)
+    cfg = tiny_model.config
+    per_layer = 2 * (2 * cfg.hidden_size * cfg.hidden_size + 2 * cfg.hidden_size * (cfg.hidden_size // 2)
+                     + 3 * cfg.hidden_size * cfg.intermediate_size)
+    assert mf.body == cfg.num_hidden_layers * per_layer
+    assert mf.head == 2 * cfg.hidden_size * cfg.vocab_size
+    assert mf.pair == 4 * cfg.num_hidden_layers * cfg.hidden_size
+    f = {"body": 6e9, "attention": 2e9, "head": 4e9, "total": 12e9}
+    assert bm.ceiling_rate(f, {"body": 1e9, "head": 2e9}) == pytest.approx(12e9 / 10.0)
+    rates = bm.matmul_rates(tiny_model, 256, 64, seconds=0.05)
+    assert rates["body"] > 0 and rates["head"] > 0
 
 
 def test_natural_order_and_sampling():
@@ -116,6 +151,10 @@ def test_core_run_tiny_model(tiny_model, smol_tokenizer):
     assert m, line
     assert float(m.group(1)) == pytest.approx(res.speedup, abs=0.005)
     assert float(m.group(2)) == pytest.approx(c.max_abs_diff, rel=0.01, abs=1e-12)
+    assert float(m.group(3)) == pytest.approx(res.peak_fraction, abs=5e-4) and 0 < res.peak_fraction
+    # the engine never runs fewer token-forwards than the floor, and (no padding) barely more
+    assert float(m.group(4)) == pytest.approx(res.floor_ratio, abs=5e-4) and 1.0 <= res.floor_ratio < 1.05
+    assert res.flops["total"] == pytest.approx(res.flops["body"] + res.flops["head"] + res.flops["attention"])
     report = "\n".join(res.report())
     assert "engine stats:" in report and "tokens_forwarded=" in report and "GALP max" in report
 

@@ -51,11 +51,11 @@ def sparse_supported(model) -> tuple[bool, str]:
 
 @dataclass
 class Bucket:
-    qidx: torch.Tensor   # [n, Qm] query rows (flat)
-    kidx: torch.Tensor   # [n, Km] key-space indices
-    mask: torch.Tensor   # [n, 1, Qm, Km] bool
-    sel: torch.Tensor    # valid (tile, query) slots in the [n * Qm] output
-    dst: torch.Tensor    # their query rows
+    qidx: torch.Tensor   # [n * Qm] query rows (flat), padded slots repeat a real row
+    kidx: torch.Tensor   # [n * Km] key-space indices
+    mask: torch.Tensor   # [n, 1, Qm, Km] additive (0 or -inf), in the model's dtype
+    dst: torch.Tensor    # [n * Qm] output row of each slot; padded slots write the scratch row N
+    shape: tuple[int, int, int]  # n, Qm, Km
 
 
 @dataclass
@@ -93,7 +93,8 @@ def plan_buckets(tiles: np.ndarray, k_offset: int, max_elements: int) -> list[li
     return groups
 
 
-def build_buckets(tiles: np.ndarray, k_offset: int, max_elements: int, device, to_device) -> list[Bucket]:
+def build_buckets(tiles: np.ndarray, k_offset: int, max_elements: int, n_rows: int, dtype, to_device) -> list[Bucket]:
+    """Index lists and additive masks of every bucket; built once per batch, used by every layer."""
     out = []
     for g in plan_buckets(tiles, k_offset, max_elements):
         ts = tiles[g]
@@ -109,10 +110,12 @@ def build_buckets(tiles: np.ndarray, k_offset: int, max_elements: int, device, t
         ctx = (ts[:, 5] - ts[:, 4]) + (ts[:, 7] - ts[:, 6])
         # query j of a tile sees its context and its own keys up to itself; padded queries see slot 0
         lim = np.where(valid, ctx[:, None] + k_offset + ts[:, 1:2] + j - ts[:, 3:4] + 1, 1)
-        mask = np.arange(Km)[None, None, :] < lim[:, :, None]
-        sel = np.nonzero(valid.reshape(-1))[0]
-        out.append(Bucket(to_device(qidx), to_device(kidx), to_device(mask[:, None]), to_device(sel),
-                          to_device(qidx.reshape(-1)[sel])))
+        visible = np.arange(Km)[None, None, :] < lim[:, :, None]
+        mask = to_device(visible[:, None])
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        dst = np.where(valid, qidx, n_rows)
+        out.append(Bucket(to_device(qidx.reshape(-1)), to_device(kidx.reshape(-1)), mask,
+                          to_device(dst.reshape(-1)), (n, Qm, Km)))
     return out
 
 
@@ -131,16 +134,22 @@ def sparse_attention(module, query, key, value, attention_mask, dropout: float =
         k = torch.cat([plan.stash[(layer, p)][0] for p in plan.ext] + [k], dim=1)
         v = torch.cat([plan.stash[(layer, p)][1] for p in plan.ext] + [v], dim=1)
     H, N, hd = query.shape[1], query.shape[2], query.shape[3]
-    qt, kt, vt = query[0].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [*, heads, hd]
-    out = query.new_empty((N, H * hd))
-    gqa = k.shape[0] != H
+    Hkv = k.shape[0]
+    q2 = query[0].transpose(0, 1).reshape(N, H * hd)      # rows = tokens (a view when already laid out so)
+    k2 = k.transpose(0, 1).reshape(-1, Hkv * hd)
+    v2 = v.transpose(0, 1).reshape(-1, Hkv * hd)
+    out = query.new_empty((N + 1, H * hd))                  # row N: scratch for padded slots
+    gqa = Hkv != H
     for b in plan.buckets:
+        n, Qm, Km = b.shape
         o = F.scaled_dot_product_attention(
-            qt[b.qidx].transpose(1, 2), kt[b.kidx].transpose(1, 2), vt[b.kidx].transpose(1, 2),
+            q2.index_select(0, b.qidx).view(n, Qm, H, hd).transpose(1, 2),
+            k2.index_select(0, b.kidx).view(n, Km, Hkv, hd).transpose(1, 2),
+            v2.index_select(0, b.kidx).view(n, Km, Hkv, hd).transpose(1, 2),
             attn_mask=b.mask, scale=scaling, enable_gqa=gqa,
         )
-        out.index_copy_(0, b.dst, o.transpose(1, 2).reshape(-1, H * hd).index_select(0, b.sel))
-    return out.view(1, N, H, hd), None
+        out.index_copy_(0, b.dst, o.transpose(1, 2).reshape(n * Qm, H * hd))
+    return out[:N].view(1, N, H, hd), None
 
 
 _registered = False

@@ -125,6 +125,7 @@ class ScoringEngine:
         self.head = model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.eager = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
+        self._dtype = next(model.parameters()).dtype
         cfg = model.config
         self._n_layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
         hd = getattr(cfg, "head_dim", None) or (cfg.hidden_size // cfg.num_attention_heads)
@@ -335,7 +336,8 @@ class ScoringEngine:
     def _forward_sparse(self, lay: Layout, stash: dict):
         t0 = time.perf_counter()
         tiles = split_tiles(lay.tiles, self.query_chunk)
-        buckets = attn.build_buckets(tiles, lay.k_offset, self.attn_budget, self.device, self._to_device)
+        buckets = attn.build_buckets(tiles, lay.k_offset, self.attn_budget, lay.ids.shape[1], self._dtype,
+                                     self._to_device)
         keep = [(p, a, b) for p, a, b in lay.own_rows if p in lay.keep_prefixes]
         plan = attn.SparsePlan(lay.ids.shape[1], buckets, stash, ext=list(lay.ext_prefixes), keep=keep)
         acc = DeviceAccumulator(len(lay.tasks), self.device)
