@@ -58,12 +58,22 @@ def lalp_from_steps(step_scores: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+# index draws per bootstrap block: memory stays bounded (a few MB) whatever the number of prompts
+BOOTSTRAP_BLOCK = 1 << 18
+
+
 def _paired_bootstrap(matrix: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """matrix: prompts x teachers. Resample prompts (the same draw for every teacher)."""
+    """matrix: prompts x teachers. Resample prompts (the same draw for every teacher). The draws
+    are made in blocks of resamples from one generator: the same numbers as one big draw, without
+    an n_boot x prompts (x teachers) array in memory."""
     rng = np.random.default_rng(seed)
     n = matrix.shape[0]
-    idx = rng.integers(0, n, size=(n_boot, n))
-    means = matrix[idx].mean(axis=1)  # n_boot x teachers
+    means = np.empty((n_boot, matrix.shape[1]), dtype=np.float64)
+    step = max(1, BOOTSTRAP_BLOCK // max(n, 1))
+    for lo in range(0, n_boot, step):
+        hi = min(n_boot, lo + step)
+        idx = rng.integers(0, n, size=(hi - lo, n))
+        means[lo:hi] = matrix[idx].mean(axis=1)  # resamples x teachers
     return np.percentile(means, 2.5, axis=0), np.percentile(means, 97.5, axis=0)
 
 
@@ -122,54 +132,77 @@ def select_responses(candidates: pl.DataFrame, require_correct: bool = True) -> 
     answer, verified correct. Ties on LALP go to the higher GALP, then teacher name, then
     response_id, so the choice is deterministic. Returns (decisions, chosen): one decision row
     per candidate with its reason, and one chosen row per prompt that has an eligible response.
+    Vectorised in Polars (window expressions per prompt): cost linear in the candidates.
     """
     need = ["prompt_id", "response_id", "teacher", "lalp", "galp", "is_correct", "reference_answer", "verify_reason"]
-    df = candidates.select(need).with_columns(pl.col("lalp").fill_nan(None))
-    decisions = []
-    chosen_ids = []
-    for (pid,), grp in df.sort("prompt_id").group_by(["prompt_id"], maintain_order=True):
-        rows = grp.to_dicts()
-        has_ref = any(r["reference_answer"] is not None for r in rows)
-        eligible, reasons = [], {}
-        for r in rows:
-            if r["lalp"] is None:
-                reasons[r["response_id"]] = "not scored (no steps or no LALP)"
-            elif require_correct and has_ref and r["is_correct"] is not True:
-                reasons[r["response_id"]] = f"not verified correct ({r['verify_reason'] or 'unknown'})"
-            else:
-                eligible.append(r)
-        if eligible:
-            ranked = sorted(eligible, key=lambda r: (-r["lalp"], -(r["galp"] if r["galp"] is not None else -np.inf), r["teacher"], r["response_id"]))
-            best = ranked[0]
-            tie = [r for r in eligible if r["lalp"] == best["lalp"]]
-            why = "highest LALP among eligible"
-            if not (require_correct and has_ref):
-                why += " (no reference answer: all scored responses eligible)" if not has_ref else " (correctness not required)"
-            if len(tie) > 1:
-                why += f"; tie with {len(tie) - 1} other(s) broken by GALP, then teacher name"
-            reasons[best["response_id"]] = why
-            chosen_ids.append(best["response_id"])
-            for r in ranked[1:]:
-                reasons[r["response_id"]] = f"lower LALP than {best['teacher']} ({r['lalp']:.4f} < {best['lalp']:.4f})" if r["lalp"] != best["lalp"] else "tie lost on GALP/teacher name"
-        for r in rows:
-            decisions.append(
-                {
-                    "prompt_id": pid, "response_id": r["response_id"], "teacher": r["teacher"], "lalp": r["lalp"],
-                    "is_correct": r["is_correct"], "eligible": r in eligible,
-                    "chosen": bool(eligible) and r["response_id"] == chosen_ids[-1], "reason": reasons[r["response_id"]],
-                }
-            )
-        if not eligible:
-            for d in decisions[-len(rows):]:
-                d["reason"] += "; prompt has no eligible response, nothing selected"
+    df = candidates.select(need).with_columns(pl.col("lalp").fill_nan(None)).sort("prompt_id", maintain_order=True)
+    has_ref = pl.col("reference_answer").is_not_null().any().over("prompt_id")
+    strict = pl.lit(bool(require_correct)) & pl.col("_has_ref")
+    df = df.with_columns(has_ref.alias("_has_ref")).with_columns(
+        pl.col("lalp").is_not_null().alias("_scored"),
+        (strict & pl.col("is_correct").ne(True).fill_null(True)).alias("_wrong"),
+    ).with_columns((pl.col("_scored") & ~pl.col("_wrong")).alias("eligible"))
+    # rank the eligible: LALP desc, then GALP desc (missing last), teacher, response_id
+    ranked = (
+        df.filter("eligible")
+        .with_columns(pl.col("galp").fill_nan(None).alias("_galp"))
+        .sort(["prompt_id", "lalp", "_galp", "teacher", "response_id"], descending=[False, True, True, False, False],
+              nulls_last=True, maintain_order=True)
+        .with_columns(
+            pl.int_range(pl.len()).over("prompt_id").alias("_rank"),
+            pl.col("lalp").first().over("prompt_id").alias("_best_lalp"),
+            pl.col("teacher").first().over("prompt_id").alias("_best_teacher"),
+        )
+        .with_columns((pl.col("lalp") == pl.col("_best_lalp")).sum().over("prompt_id").alias("_n_tie"))
+    )
+    fmt4 = lambda s: pl.Series([None if x is None else f"{x:.4f}" for x in s.to_list()], dtype=pl.Utf8)  # noqa: E731
+    best_why = pl.concat_str(
+        pl.lit("highest LALP among eligible"),
+        pl.when(pl.col("_strict")).then(pl.lit(""))
+        .when(~pl.col("_has_ref")).then(pl.lit(" (no reference answer: all scored responses eligible)"))
+        .otherwise(pl.lit(" (correctness not required)")),
+        pl.when(pl.col("_n_tie") > 1)
+        .then(pl.format("; tie with {} other(s) broken by GALP, then teacher name", pl.col("_n_tie") - 1))
+        .otherwise(pl.lit("")),
+    )
+    ranked = ranked.with_columns(strict.alias("_strict")).with_columns(
+        pl.when(pl.col("_rank") == 0).then(best_why)
+        .when(pl.col("lalp") != pl.col("_best_lalp"))
+        .then(pl.format("lower LALP than {} ({} < {})", pl.col("_best_teacher"),
+                        pl.col("lalp").map_batches(fmt4, return_dtype=pl.Utf8),
+                        pl.col("_best_lalp").map_batches(fmt4, return_dtype=pl.Utf8)))
+        .otherwise(pl.lit("tie lost on GALP/teacher name"))
+        .alias("_why"),
+        (pl.col("_rank") == 0).alias("chosen"),
+    ).select("prompt_id", "response_id", "_why", "chosen")
+    n_eligible = pl.col("eligible").sum().over("prompt_id")
+    dec = (
+        df.join(ranked, on=["prompt_id", "response_id"], how="left", maintain_order="left")
+        .with_columns(
+            pl.when(~pl.col("_scored")).then(pl.lit("not scored (no steps or no LALP)"))
+            .when(pl.col("_wrong"))
+            .then(pl.format("not verified correct ({})",
+                            pl.when(pl.col("verify_reason").fill_null("") == "").then(pl.lit("unknown"))
+                            .otherwise(pl.col("verify_reason"))))
+            .otherwise(pl.col("_why"))
+            .alias("reason"),
+            pl.col("chosen").fill_null(False),
+        )
+        .with_columns(
+            pl.when(n_eligible == 0).then(pl.col("reason") + "; prompt has no eligible response, nothing selected")
+            .otherwise(pl.col("reason")).alias("reason")
+        )
+        .select("prompt_id", "response_id", "teacher", "lalp", "is_correct", "eligible", "chosen", "reason")
+    )
     schema = {
         "prompt_id": pl.Utf8, "response_id": pl.Utf8, "teacher": pl.Utf8, "lalp": pl.Float64, "is_correct": pl.Boolean,
         "eligible": pl.Boolean, "chosen": pl.Boolean, "reason": pl.Utf8,
     }
-    dec = pl.DataFrame(decisions, schema=schema)
+    dec = dec.cast(schema)
     stats = dec.group_by("prompt_id").agg(pl.len().alias("n_candidates"), pl.col("eligible").sum().alias("n_eligible"))
+    chosen_ids = dec.filter("chosen")["response_id"]
     chosen = (
-        candidates.filter(pl.col("response_id").is_in(chosen_ids))
+        candidates.filter(pl.col("response_id").is_in(chosen_ids.implode()))
         .join(stats, on="prompt_id")
         .join(dec.filter("chosen").select("response_id", "reason"), on="response_id")
     )
