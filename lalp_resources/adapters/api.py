@@ -19,7 +19,6 @@ from lalp_resources.adapters.common import (
     TRACE_SCHEMA,
     Collector,
     ConfigError,
-    FileError,
     IngestResult,
     Limits,
     ReadContext,
@@ -92,8 +91,6 @@ def read_one(item: str | Path, fmt: str = "auto", *, teacher_mode: str, limits: 
         res = READERS[fmt](path, ctx)
     except OSError as exc:
         return _whole_file_failure(uri, path, fmt, "unreadable_file", f"cannot read {path}: {exc}", limits)
-    except FileError as exc:
-        return _whole_file_failure(uri, path, fmt, exc.reason, exc.detail, limits)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - a reader bug must not stop the other files

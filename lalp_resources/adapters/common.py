@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,10 +152,6 @@ def frame(rows: list[dict], schema: dict[str, pl.DataType]) -> pl.DataFrame:
     return pl.DataFrame({c: [r[c] for r in rows] for c in schema}, schema=schema)
 
 
-def empty_result() -> IngestResult:
-    return IngestResult(frame([], TRACE_SCHEMA), frame([], QUARANTINE_SCHEMA), 0)
-
-
 def response_id(prompt_id: str, teacher: str, prompt: str, response: str) -> str:
     """Content hash of a trace: the first 16 hex characters of the sha256 of the JSON array
     ``[prompt_id, teacher, prompt, response]`` (compact, not ASCII-escaped, UTF-8).
@@ -180,12 +177,15 @@ class RowError(Exception):
         self.detail = detail
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def clean(s: Any) -> str | None:
-    """A string safe for Arrow/Polars: lone surrogates (from JSON '\\ud800' escapes) -> U+FFFD."""
+    """A string safe for Arrow/Polars: each lone surrogate (from a JSON '\\ud800' escape)
+    becomes one U+FFFD, so the length is unchanged."""
     if s is None:
         return None
-    s = str(s)
-    return s.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return _LONE_SURROGATE.sub("\ufffd", str(s))
 
 
 def is_valid_unicode(s: str) -> bool:
@@ -216,8 +216,7 @@ def as_id(v: Any, field: str) -> str:
         try:
             return str(v)
         except ValueError:  # an integer with more digits than Python will print
-            raise RowError(f"{field}_too_long" if field == "prompt_id" else "invalid_type",
-                           f"field '{field}' is an integer too long to print") from None
+            raise RowError("prompt_id_too_long", f"field '{field}' is an integer too long to print") from None
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
     if isinstance(v, str):
@@ -339,16 +338,6 @@ def sha256_file(path: Path) -> str:
 
 class ConfigError(ValueError):
     """A configuration mistake (unknown option, missing package): raised, never quarantined."""
-
-
-class FileError(Exception):
-    """A problem with a whole file (cannot be read, decoded or detected): one quarantine row."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        assert reason in REASONS, reason
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
