@@ -5,13 +5,18 @@ LALP_SHARDS=2 on two teachers as separate processes, the way a cluster launches 
 
   1. ingest + segment both teachers (score_teachers_job),
   2. the 2 teachers x 2 shards of step_scores as 4 concurrent runs, each `dg.execute_job` through the
-     multiprocess executor; one scoring step's process is SIGKILLed once it has committed some of
-     its scores, and that partition is run again (it resumes from the score cache),
+     multiprocess executor (tests/cluster_job.py: every process builds its settings from LALP_*).
+     Two faults with SIGKILL, each once that step has committed some of its scores: t1's big shard
+     loses its step process (the run's executor reports the crash), t2's big shard loses its whole
+     run (it stays STARTED holding a `gpu` slot until `reap_dead_runs` marks it failed and frees
+     it). Both partitions are run again and resume from the score cache,
   3. response_scores for both teachers, then rank_and_curate_job.
 
 Every table then equals an embedded single-process run of the same input (shards=1, a DuckDB file,
-SQLite instance): the same rows, none duplicated or missing, scores within 1e-6. From the instance:
-at most 2 scoring steps ran at once (the pool), and the 4 shard runs overlapped.
+SQLite instance): the same row counts (the score cache too: every window exactly once), no key
+duplicated, nothing missing, step and response scores within 1e-6, the same ranking and selection;
+rows read = accepted + quarantined. From the instance: at most 2 scoring steps ran at once (the
+pool), the 4 shard runs overlapped, and exactly the two killed runs failed.
 
 No mocks: a real server on loopback, real DuckLake, real processes, a real SIGKILL. The student is
 a small random Llama saved as a local model dir. Skips with a message when PostgreSQL's server
@@ -182,6 +187,44 @@ def most_at_once(intervals: list[tuple[float, float]]) -> int:
     return best
 
 
+def kill_mid_scoring(instance, lake, victims: dict, procs: dict, timeout_s: float = 300) -> dict:
+    """SIGKILL each victim partition's run as soon as its step_scores step process has committed some
+    rows (all victims watched at once, so each dies early in its scoring): "step process" kills that
+    process (pid from the run's STEP_WORKER_STARTED event), "whole run" the run's process group.
+    Returns {partition: (run id, rows committed when seen, kill time)}."""
+    runs, workers, killed = {}, {}, {}
+    deadline = time.monotonic() + timeout_s
+    while len(killed) < len(victims):
+        assert time.monotonic() < deadline, f"no committed chunk of {sorted(set(victims) - set(killed))} in {timeout_s:.0f} s"
+        for part, how in victims.items():
+            if part in killed:
+                continue
+            proc = procs[part]
+            assert proc.poll() is None, f"{part}'s run ended before it could be killed; make the input bigger:\n" \
+                + proc.log_path.read_text()[-3000:]
+            runs[part] = runs.get(part) or run_of(instance, proc.pid)
+            if runs[part] is None:
+                continue
+            if part not in workers:
+                started = [r.event_log_entry.dagster_event for r in
+                           events(instance, runs[part].run_id, dg.DagsterEventType.STEP_WORKER_STARTED)]
+                pid = next((e.pid for e in started if e.step_key == "step_scores"), None)
+                if pid is None:
+                    continue
+                workers[part] = pid
+            n = lake.read("SELECT count(*) AS n FROM step_scores WHERE score_run_id = ?", [runs[part].run_id])["n"][0]
+            if not n:
+                continue
+            if how == "step process":  # the multiprocess executor's child for step_scores
+                os.kill(workers[part], signal.SIGKILL)
+            else:  # the run's process, its executor and its step process at once
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()  # not left a zombie: reap_dead_runs must see the process gone
+            killed[part] = (runs[part].run_id, int(n), time.time())
+        time.sleep(0.2)
+    return killed
+
+
 def step_scores_metadata(instance, run_id: str) -> dict:
     recs = events(instance, run_id, dg.DagsterEventType.ASSET_MATERIALIZATION)
     mats = [r.event_log_entry.asset_materialization for r in recs]
@@ -235,53 +278,44 @@ def test_cluster_on_one_machine_equals_the_embedded_run(pg, student_dir, tmp_pat
         parts = [(t, s) for t in TEACHERS for s in range(SHARDS)]
         procs = {(t, s): cluster.start(f"score-{t}-{s}", "score_shards_job", "--partition", f"{t}/{s}")
                  for t, s in parts}
-        victim_part = (TEACHERS[0], big)
-        victim_proc = procs[victim_part]
-        steps_of_victim = lake.read(
-            "SELECT prompt_id, count(*) AS n FROM reasoning_steps WHERE teacher = ? GROUP BY prompt_id",
-            [victim_part[0]]).filter(pl.col("prompt_id").map_elements(lambda p: shard[p], return_dtype=pl.Int64) == big)
-        victim_steps = int(steps_of_victim["n"].sum())
-        victim_run, worker_pid, committed = None, None, 0
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert victim_proc.poll() is None, "the victim's run ended before it could be killed; make the input bigger:\n" \
-                + victim_proc.log_path.read_text()[-3000:]
-            victim_run = victim_run or run_of(instance, victim_proc.pid)
-            if victim_run is not None and worker_pid is None:
-                started = [r.event_log_entry.dagster_event for r in
-                           events(instance, victim_run.run_id, dg.DagsterEventType.STEP_WORKER_STARTED)]
-                started = [e for e in started if e.step_key == "step_scores"]
-                worker_pid = started[0].pid if started else None
-            if worker_pid is not None:
-                committed = lake.read("SELECT count(*) AS n FROM step_scores WHERE score_run_id = ?",
-                                      [victim_run.run_id])["n"][0]
-                if committed:  # some chunks of this shard are committed; the step is still running
-                    break
-            time.sleep(0.1)
-        assert committed, "the victim's scoring step never committed a chunk within 300 s"
-        os.kill(worker_pid, signal.SIGKILL)  # the multiprocess executor's step process, mid-scoring
+        # Two faults, each once its step has committed some chunks: t1's big shard loses its step
+        # process (the run's executor sees it die), t2's big shard loses its whole run (a node gone:
+        # the run stays STARTED holding its gpu slot until reaped).
+        victims = {(TEACHERS[0], big): "step process", (TEACHERS[1], big): "whole run"}
+        killed = kill_mid_scoring(instance, lake, victims, procs)
 
-        results = {p: cluster.wait(proc, timeout=400) for p, proc in procs.items()}
+        results = {p: cluster.wait(proc, timeout=400) for p, proc in procs.items() if victims.get(p) != "whole run"}
         for p, out in results.items():
-            if p != victim_part:
-                assert out["success"], f"{p} failed:\n{out['log'][-4000:]}"
-        assert not results[victim_part]["success"]
-        victim_run = instance.get_run_by_id(victim_run.run_id)
-        if victim_run.status not in (dg.DagsterRunStatus.FAILURE,):
-            # the run's own process died too (or hung): the lalp run way of cleaning up
-            cluster.stop_all()
-            reap_dead_runs(instance)
-            victim_run = instance.get_run_by_id(victim_run.run_id)
-        assert victim_run.status == dg.DagsterRunStatus.FAILURE
+            assert out["success"] == (p not in victims), f"{p}:\n{out['log'][-4000:]}"
+        shard_runs = {p: results[p]["run_id"] if p in results else killed[p][0] for p in parts}
+        dead = {p: instance.get_run_by_id(killed[p][0]) for p in victims}
+        # the run whose executor lived reported the crash itself; the dead run is still STARTED
+        assert dead[(TEACHERS[0], big)].status == dg.DagsterRunStatus.FAILURE
+        assert dead[(TEACHERS[1], big)].status == dg.DagsterRunStatus.STARTED
+        gpu = instance.event_log_storage.get_concurrency_info("gpu")
+        assert gpu.slot_count == 2 and gpu.active_slot_count == 1, "the dead run should still hold its slot"
+        # what `lalp run` does on start: runs whose process is gone are marked failed, slots freed
+        assert reap_dead_runs(instance) == [killed[(TEACHERS[1], big)][0]]
+        assert instance.get_run_by_id(killed[(TEACHERS[1], big)][0]).status == dg.DagsterRunStatus.FAILURE
         assert instance.event_log_storage.get_concurrency_info("gpu").active_slot_count == 0, "a slot leaked"
-        partial = lake.read("SELECT count(*) AS n FROM step_scores WHERE score_run_id = ?", [victim_run.run_id])["n"][0]
-        assert 0 < partial < victim_steps, (partial, victim_steps)
+        for p in victims:
+            shard_steps = int(lake.read(
+                "SELECT count(*) AS n FROM reasoning_steps WHERE teacher = ? AND prompt_id IN (SELECT unnest(?))",
+                [p[0], [q for q, s in shard.items() if s == p[1]]])["n"][0])
+            partial = lake.read("SELECT count(*) AS n FROM step_scores WHERE score_run_id = ?", [killed[p][0]])["n"][0]
+            assert 0 < killed[p][1] <= partial < shard_steps, \
+                f"{p}: {partial} of {shard_steps} step rows at the kill (0 < n < all expected; if all, make the input bigger)"
+            killed[p] = (*killed[p], partial)
 
-        # the partition again: it resumes from the score cache the killed step committed
-        again = cluster.run("rescore", "score_shards_job", "--partition", f"{victim_part[0]}/{victim_part[1]}")
-        md = step_scores_metadata(instance, again["run_id"])
-        assert md["windows_cached"] >= partial and md["windows_scored"] > 0
-        assert md["windows_cached"] + md["windows_scored"] == md["windows_total"]
+        # both partitions again, concurrently: each resumes from the score cache its killed step committed
+        again_procs = {p: cluster.start(f"rescore-{p[0]}-{p[1]}", "score_shards_job", "--partition", f"{p[0]}/{p[1]}")
+                       for p in victims}
+        again = {p: cluster.wait(proc) for p, proc in again_procs.items()}
+        for p, out in again.items():
+            assert out["success"], f"rescore {p} failed:\n{out['log'][-4000:]}"
+            md = step_scores_metadata(instance, out["run_id"])
+            assert md["windows_cached"] >= killed[p][3] and md["windows_scored"] > 0, (p, md, killed[p])
+            assert md["windows_cached"] + md["windows_scored"] == md["windows_total"]
 
         # 3. per-teacher response scores, then the ranking and the curated set
         final = cluster.run("finish", "response_scores_job", "rank_and_curate_job",
@@ -289,32 +323,45 @@ def test_cluster_on_one_machine_equals_the_embedded_run(pg, student_dir, tmp_pat
         assert [r["job"] for r in final["runs"]] == ["response_scores_job", "rank_and_curate_job"]
 
         # ---- the instance: the pool held, the runs overlapped
-        shard_runs = {p: results[p]["run_id"] for p in parts}
-        records = {r.dagster_run.run_id: r for r in instance.get_run_records(
-            filters=dg.RunsFilter(run_ids=list(shard_runs.values()) + [again["run_id"]]))}
+        scoring = list(shard_runs.values()) + [out["run_id"] for out in again.values()]
+        records = {r.dagster_run.run_id: r for r in instance.get_run_records(filters=dg.RunsFilter(run_ids=scoring))}
         intervals = []
-        for rid, rec in records.items():
+        for rid in scoring:
             a, b = step_interval(instance, rid)
-            intervals.append((a, b if b is not None else rec.end_time))
-        assert most_at_once(intervals) <= 2, intervals
+            if b is None:  # the whole-run kill: no end event; the step ended when it was killed
+                b = next(k[2] for k in killed.values() if k[0] == rid)
+            intervals.append((a, b))
+        at_once = most_at_once(intervals)
+        assert at_once <= 2, intervals
         spans = {p: (records[rid].start_time, records[rid].end_time) for p, rid in shard_runs.items()}
         for p, (a, b) in spans.items():
             assert any(a < d and c < b for q, (c, d) in spans.items() if q != p), (p, spans)
         statuses = {r.status for r in instance.get_runs()}
         assert statuses == {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE}
-        assert len(instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]))) == 1
+        failed = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]))
+        assert sorted(r.run_id for r in failed) == sorted(k[0] for k in killed.values())
     finally:
         cluster.stop_all()
         instance.dispose()
 
     # ---- the tables: equal to the embedded run
     ref = Warehouse(ref_db)
-    for table in TABLES:
-        a, b = ref.read(f"SELECT count(*) AS n FROM {table}")["n"][0], lake.read(f"SELECT count(*) AS n FROM {table}")["n"][0]
-        assert a == b > 0, (table, a, b)
-        key = ", ".join(KEYS[table])
-        distinct = lake.read(f"SELECT count(*) AS n FROM (SELECT DISTINCT {key} FROM {table})")["n"][0]
-        assert distinct == b, f"{table}: duplicated keys ({b} rows, {distinct} distinct {key})"
+    # every window scored exactly once into the cache, whatever was killed and re-run
+    for table in TABLES + ["score_cache"]:
+        counts = []
+        for wh in (ref, lake):
+            key = ", ".join(KEYS[table])
+            n, distinct = wh.read(f"SELECT count(*) AS n, (SELECT count(*) FROM (SELECT DISTINCT {key} FROM {table})) AS d "
+                                  f"FROM {table}").row(0)
+            assert distinct == n, f"{wh.describe()} {table}: duplicated keys ({n} rows, {distinct} distinct {key})"
+            counts.append(n)
+        assert counts[0] == counts[1] > 0, (table, counts)
+    # the lake really is DuckLake: its catalog in PostgreSQL, its data Parquet files under the data path
+    lake_db = lake_dsn.split("dbname=")[1].split()[0]
+    assert int(pg.psql("SELECT count(*) FROM ducklake_table", lake_db).strip()) >= len(TABLES)
+    assert list((root / "lake").rglob("*.parquet"))
+    assert "runs" in pg.psql("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'",
+                             pg_env["DAGSTER_PG_DB"]).split()
     for wh in (ref, lake):
         assert wh.read("SELECT count(*) AS n FROM quarantine")["n"][0] == 0
         files = wh.read("SELECT n_read, n_accepted, n_quarantined FROM source_files")
@@ -351,4 +398,4 @@ def test_cluster_on_one_machine_equals_the_embedded_run(pg, student_dir, tmp_pat
         sql = f"SELECT {cols} FROM {table} ORDER BY ALL"
         assert frame(ref, sql).equals(frame(lake, sql)), table
     print(f"\nembedded reference {t_ref:.0f}s; whole test {time.monotonic() - t_start:.0f}s; "
-          f"killed {victim_part} after {committed} committed step rows ({partial} at death of {victim_steps})")
+          f"at most {at_once} scoring steps at once; killed (run_id, rows seen, time, rows at death): {killed}")
