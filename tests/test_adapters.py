@@ -1,8 +1,8 @@
 """Tests for lalp_resources.adapters: every input row is accepted or quarantined, never lost.
 
-Unit tests build small files in tmp_path. The zeroeval data test reads
-../shared/data/zeroeval-math-l5 (skips when absent); the CHAMP tests read the file
-shipped inside the installed champ-dataset package.
+Unit tests build small files in tmp_path. The zeroeval data test reads the shared ZeroEval
+MATH level-5 traces (helpers.ZEROEVAL; skips when absent); the CHAMP tests read the file
+shipped inside the installed champ-dataset package. Fuzzing lives in tests/test_fuzz.py.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ pipeline calls ``read_one`` once per changed file (keyed by :func:`file_sha256`)
 
 from __future__ import annotations
 
+import stat
 import traceback
 from pathlib import Path
 
@@ -41,9 +42,21 @@ def _check_options(fmt: str, teacher_mode: str, limits: Limits) -> None:
         raise TypeError(f"limits must be an adapters.Limits, got {type(limits).__name__}")
 
 
+def _not_a_readable_file(path: Path) -> str | None:
+    """Why ``path`` cannot be opened as a regular file, or None. Never opens it: a FIFO or a
+    device could block forever."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "no such file"
+    except (OSError, RuntimeError) as exc:
+        return str(exc)
+    return None if stat.S_ISREG(st.st_mode) else "not a regular file"
+
+
 def _whole_file_failure(uri: str, path: Path, fmt: str | None, reason: str, detail: str, limits: Limits) -> IngestResult:
     sha = None
-    if path.is_file():  # never open a FIFO or a device: it could block forever
+    if _not_a_readable_file(path) is None:
         try:
             sha = sha256_file(path)
         except OSError:
@@ -71,14 +84,14 @@ def read_one(item: str | Path, fmt: str = "auto", *, teacher_mode: str, limits: 
     if champ and fmt not in ("auto", "champ"):
         raise ConfigError(f"source {item!r} is the CHAMP dataset; its format is 'champ', not {fmt!r}")
     path = item_path(item)
-    uri = champ_uri(path) if champ else file_uri(path)
     label = None if fmt == "auto" else fmt  # the format column stays null until one is known
-
-    if not path.exists():
-        return _whole_file_failure(uri, path, label, "unreadable_file", f"cannot read {path}: no such file", limits)
-    if not path.is_file():
-        return _whole_file_failure(uri, path, label, "unreadable_file",
-                                   f"cannot read {path}: not a regular file", limits)
+    try:
+        uri = champ_uri(path) if champ else file_uri(path)
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop
+        uri = path.absolute().as_uri()
+    problem = _not_a_readable_file(path)
+    if problem:
+        return _whole_file_failure(uri, path, label, "unreadable_file", f"cannot read {path}: {problem}", limits)
     if fmt == "auto":
         try:
             fmt = detect_format(item)

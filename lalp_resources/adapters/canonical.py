@@ -48,9 +48,11 @@ def canonical_fields(obj: Any, ctx: ReadContext) -> dict:
 
 
 def is_parquet(path: Path) -> bool:
-    """By extension, or by the Parquet magic number at the start of the file."""
-    if path.suffix.lower() == ".parquet":
-        return True
+    """By extension (``.parquet`` yes, ``.jsonl`` / ``.json`` no), else by the Parquet magic
+    number at the start of the file."""
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".jsonl", ".json"):
+        return suffix == ".parquet"
     with open(path, "rb") as f:
         return f.read(4) == PARQUET_MAGIC
 

@@ -56,21 +56,24 @@ def _head(path: Path, n: int = _SNIFF_BYTES) -> bytes:
 def detect_format(source: str | Path) -> str:
     """The format of one file (or ``"champ"`` for the CHAMP spec string).
 
-    Parquet (by extension or magic number) -> canonical; ``.jsonl`` -> messages if rows have
-    ``messages`` else canonical; ``.json`` -> zeroeval (a JSON list, even a broken one: its
-    reader quarantines it whole), champ (an object with ``problems``), or JSONL content sniffed
-    as above. Raises ValueError when it cannot tell and OSError when the file cannot be read.
+    ``.parquet`` -> canonical; ``.jsonl`` -> messages if rows have ``messages`` else canonical;
+    ``.json`` -> zeroeval (a JSON list, even a broken one: its reader quarantines it whole),
+    champ (an object with ``problems``), or JSONL content sniffed as above; any other
+    extension -> canonical when the file starts with the Parquet magic number. Raises
+    ValueError when it cannot tell and OSError when the file cannot be read.
     """
     if is_champ_spec(source):
         return "champ"
     path = Path(source)
     suffix = path.suffix.lower()
     head = _head(path)
-    if suffix == ".parquet" or head[:4] == PARQUET_MAGIC:
+    if suffix == ".parquet":
         return "canonical"
     if suffix == ".jsonl":
         return _sniff_jsonl(head)
     if suffix != ".json":
+        if head[:4] == PARQUET_MAGIC:
+            return "canonical"
         raise ValueError(f"cannot detect the format of {path}: unknown extension {suffix!r}; pass format=")
     start = head.removeprefix(b"\xef\xbb\xbf").lstrip()
     if start.startswith(b"["):
