@@ -108,8 +108,11 @@ def build_inbox_sensor(job) -> dg.SensorDefinition:
             note = f"; waiting for {len(waiting)} file(s) to stop changing" if waiting else ""
             return dg.SensorResult(skip_reason=f"no new or changed stable files in {trace_sources.inbox or '(no inbox)'}{note}",
                                    cursor=json.dumps(new_cursor))
-        teachers_now = {p: adapters.discover_teachers([p], trace_sources.format, teacher_mode=trace_sources.teacher_mode,
-                                                      limits=trace_sources.limits()) for p in changed}
+        teachers_now = {}
+        for p in list(changed):
+            # read_one never raises on a bad file (it becomes a quarantine row when the run ingests it)
+            part = adapters.read_one(p, trace_sources.format, teacher_mode=trace_sources.teacher_mode, limits=trace_sources.limits())
+            teachers_now[p] = sorted(part.traces["teacher"].unique().to_list())
         affected = sorted({t for p in changed for t in teachers_now[p] + done.get(p, {}).get("teachers", [])})
         for p, digest in changed.items():
             done[p] = {"sha": digest, "stat": observed[p], "teachers": teachers_now[p]}

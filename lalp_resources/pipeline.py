@@ -205,7 +205,10 @@ def sync_sources(wh, items: Sequence[str], read: Callable[[str], adapters.Ingest
     for item in items:
         stat = file_stat(item)
         memo = by_stat.get((item, *stat)) if stat else None
-        sha = memo["source_sha256"] if memo else sha_of(item)
+        try:
+            sha = memo["source_sha256"] if memo else sha_of(item)
+        except OSError as e:  # vanished or unreadable: read_one turns it into a quarantine row
+            sha = hashlib.sha256(f"unreadable:{item}:{type(e).__name__}".encode()).hexdigest()
         if sha in by_sha:
             r = by_sha[sha]
             fv = FileVersion(item, r["source_uri"], sha, False, r["n_read"], r["n_accepted"], r["n_quarantined"],

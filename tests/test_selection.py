@@ -130,5 +130,5 @@ def test_exports_and_report(tmp_path):
     dec = pl.DataFrame({"prompt_id": ["p1", "p2"], "chosen": [True, True], "reason": ["highest LALP", "highest LALP"]})
     report = write_report(tmp_path / "report", rk, steps, mix, dec, {"window": "fixed:4"})
     text = report.read_text()
-    assert "Recommended single teacher: A" in text and "![ranking](ranking.png)" in text
+    assert "Highest mean LALP: A" in text and "![ranking](ranking.png)" in text
     assert (tmp_path / "report" / "ranking.png").exists()
