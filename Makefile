@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 
-.PHONY: setup demo test test-fast bench gpu-bundle ui clean
+.PHONY: setup demo test test-fast bench bench-scale gpu-bundle ui clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,12 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.benchmark $(BENCH_ARGS)
+
+# The whole graph on ROWS generated traces (real ZeroEval text, 8 teachers, a tiny student): seconds
+# and peak RSS per stage and check; the last line is rows=N seconds=S peak_rss_mb=M per_row_ms=P.
+ROWS ?= 10000
+bench-scale: setup
+	$(BIN)/python -m benchmarks.bench_scale --rows $(ROWS) $(BENCH_SCALE_ARGS)
 
 # The inputs a GPU lease can carry (see benchmarks/gpu_check.py): sampled ZeroEval rows + the student's
 # config and tokenizer, in the git-ignored .devbundle/.
