@@ -114,7 +114,7 @@ def render_instance(pg, home: Path, db: str) -> dict:
     storage = copy.deepcopy(deploy["storage"])
     storage["postgres"]["postgres_db"]["port"] = pg.port
     cfg = {"storage": storage,
-           "concurrency": {"pools": {**deploy["concurrency"]["pools"], "granularity": "op"}},
+           "concurrency": {"pools": deploy["concurrency"]["pools"]},  # as deployed: each step claims its slot
            "telemetry": {"enabled": False}}
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text(yaml.safe_dump(cfg))
