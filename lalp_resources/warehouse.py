@@ -73,7 +73,7 @@ SCORE_CONFIG = (
 )
 
 SCHEMA: dict[str, str] = {
-    "raw_teacher_traces": f"""
+    "raw_teacher_traces": """
         response_id VARCHAR PRIMARY KEY, prompt_id VARCHAR NOT NULL, teacher VARCHAR NOT NULL,
         prompt VARCHAR, response VARCHAR, reference_answer VARCHAR, final_answer VARCHAR,
         is_correct BOOLEAN, verify_reason VARCHAR, source_uri VARCHAR, source_sha256 VARCHAR,

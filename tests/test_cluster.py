@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import polars as pl
 import pytest
 import yaml
 

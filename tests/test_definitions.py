@@ -8,7 +8,6 @@ Fast: nothing here loads the student or runs a job.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -4,7 +4,6 @@ instance and a real DuckDB file; the student is a small random model saved as a 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
