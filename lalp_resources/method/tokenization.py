@@ -76,14 +76,17 @@ def window_key(namespace: str, prefix: Sequence[int], window: Sequence[int], j0:
     return h.hexdigest()[:32]
 
 
-def merge_unscored_steps(tokenizer, text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def merge_unscored_steps(tokenizer, text: str, spans: list[tuple[int, int]],
+                         starts: Sequence[int] | None = None) -> list[tuple[int, int]]:
     """Merge steps in which no token of the response starts into the next step (the last such
     step into the previous one). A step of one short word after a space ("... so. Yes") gets no
     token of its own under byte-level BPE (" Yes" starts in the previous step's separator), and
-    a step without scored tokens has no score. Spans still tile the text."""
+    a step without scored tokens has no score. Spans still tile the text. `starts`: the text's
+    token starts (`tokenize_with_starts`), when the caller tokenized it already (in a batch)."""
     if len(spans) <= 1:
         return list(spans)
-    _, starts = tokenize_with_starts(tokenizer, text)
+    if starts is None:
+        _, starts = tokenize_with_starts(tokenizer, text)
     import bisect
 
     owned = [bisect.bisect_left(starts, hi) - bisect.bisect_left(starts, lo) for lo, hi in spans]
