@@ -25,21 +25,38 @@ def sample_prompts(prompt_ids: list[str], max_prompts: int | None) -> set[str]:
     return set(sorted(ids, key=lambda p: hashlib.sha256(p.encode()).hexdigest())[:max_prompts])
 
 
+STEPS_SCHEMA = {
+    "response_id": pl.Utf8, "prompt_id": pl.Utf8, "teacher": pl.Utf8, "step_index": pl.Int32,
+    "char_start": pl.Int32, "char_end": pl.Int32, "text": pl.Utf8, "segment_note": pl.Utf8,
+}
+
+
 def steps_frame(traces: pl.DataFrame, segment: Callable[[str], tuple[list[tuple[int, int]], str | None]]) -> pl.DataFrame:
     """One row per step. `segment(text)` returns (spans, note); the note says e.g. why an LLM
     segmenter fell back to rules."""
-    rows = {c: [] for c in STEP_COLUMNS + ["segment_note"]}
-    for rid, pid, teacher, text in traces.select("response_id", "prompt_id", "teacher", "response").iter_rows():
-        spans, note = segment(text)
-        for i, (lo, hi) in enumerate(spans):
-            for c, v in zip(STEP_COLUMNS + ["segment_note"], (rid, pid, teacher, i, lo, hi, text[lo:hi], note)):
-                rows[c].append(v)
-    return pl.DataFrame(
-        rows,
-        schema={
-            "response_id": pl.Utf8, "prompt_id": pl.Utf8, "teacher": pl.Utf8, "step_index": pl.Int32,
-            "char_start": pl.Int32, "char_end": pl.Int32, "text": pl.Utf8, "segment_note": pl.Utf8,
-        },
+    cut = [segment(text) for text in traces["response"].to_list()]
+    return steps_from_spans(traces, [c[0] for c in cut], [c[1] for c in cut])
+
+
+def steps_from_spans(traces: pl.DataFrame, spans: list[list[tuple[int, int]]], notes: list[str | None]) -> pl.DataFrame:
+    """One row per step from each response's character spans (in `traces` order): the step
+    texts are sliced in Polars, not built row by row in Python."""
+    lo = [[a for a, _ in sp] for sp in spans]
+    hi = [[b for _, b in sp] for sp in spans]
+    df = traces.select("response_id", "prompt_id", "teacher", "response").with_row_index("_row").with_columns(
+        pl.Series("char_start", lo, dtype=pl.List(pl.Int32)),
+        pl.Series("char_end", hi, dtype=pl.List(pl.Int32)),
+        pl.Series("segment_note", notes, dtype=pl.Utf8),
+    )
+    return (
+        df.filter(pl.col("char_start").list.len() > 0)
+        .explode("char_start", "char_end")
+        .with_columns(
+            pl.int_range(pl.len(), dtype=pl.Int32).over("_row").alias("step_index"),
+            pl.col("response").str.slice(pl.col("char_start"), pl.col("char_end") - pl.col("char_start")).alias("text"),
+        )
+        .select(list(STEPS_SCHEMA))
+        .cast(STEPS_SCHEMA)
     )
 
 
