@@ -19,8 +19,15 @@ from typing import Callable, Iterable, Sequence
 import polars as pl
 
 from lalp_resources import adapters
-from lalp_resources.method.aggregation import lalp_from_steps, rank_teachers, select_responses, spans_by_response, steps_frame  # noqa: F401
-from lalp_resources.method.tokenization import merge_unscored_steps
+from lalp_resources.method.aggregation import (  # noqa: F401
+    lalp_from_steps,
+    rank_teachers,
+    select_responses,
+    spans_by_response,
+    steps_frame,
+    steps_from_spans,
+)
+from lalp_resources.method.tokenization import merge_unscored_steps, tokenize_many
 
 Segmenter = Callable[[str], tuple[list[tuple[int, int]], "str | None"]]
 
@@ -49,25 +56,53 @@ def with_shard(df: pl.DataFrame, shards: int) -> pl.DataFrame:
 # ---------------------------------------------------------------------------------- token caps
 
 
+# texts per batched tokenizer call, bounded by characters so a batch of long rows stays small
+TOKENIZE_BLOCK_CHARS = 1 << 21
+TOKENIZE_BLOCK_ROWS = 2048
+
+
+def text_blocks(texts: Sequence[str]) -> Iterable[tuple[int, int]]:
+    """[lo, hi) ranges of `texts` for batched tokenization: at most TOKENIZE_BLOCK_ROWS texts and
+    about TOKENIZE_BLOCK_CHARS characters each (one longer text is a block of its own)."""
+    lo, chars = 0, 0
+    for i, t in enumerate(texts):
+        n = len(t) if t else 0
+        if i > lo and (chars + n > TOKENIZE_BLOCK_CHARS or i - lo >= TOKENIZE_BLOCK_ROWS):
+            yield lo, i
+            lo, chars = i, 0
+        chars += n
+    if lo < len(texts):
+        yield lo, len(texts)
+
+
+def token_counts(tokenizer, texts: Sequence[str]) -> list[int]:
+    """Student tokens per text (no special tokens), tokenized in bounded batches."""
+    out: list[int] = []
+    for lo, hi in text_blocks(texts):
+        ids = tokenizer(list(texts[lo:hi]), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        out.extend(len(x) for x in ids)
+    return out
+
+
 def token_caps(traces: pl.DataFrame, tokenizer, max_prompt_tokens: int, max_response_tokens: int) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Split traces into (kept, rejected): prompts or responses with more student tokens than the
-    caps are not scored. The character caps at ingest bound memory first, so this tokenization
-    is bounded too. `rejected` carries the quarantine columns with the limit in the detail."""
+    caps are not scored. The character caps at ingest bound memory first, and the texts are
+    tokenized in bounded batches, so this stays bounded too. `rejected` carries the quarantine
+    columns with the limit in the detail (a prompt over its cap is reported before a response)."""
     if traces.height == 0:
         return traces, _token_rejects(traces.head(0), [])
-    reasons: list[tuple[str, str] | None] = []
-    for prompt, response in traces.select("prompt", "response").iter_rows():
-        n_p = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if max_prompt_tokens else 0
-        if max_prompt_tokens and n_p > max_prompt_tokens:
-            reasons.append(("prompt_too_many_tokens", f"prompt is {n_p:,} student tokens; limit LALP_MAX_PROMPT_TOKENS={max_prompt_tokens}"))
-            continue
-        n_r = len(tokenizer(response, add_special_tokens=False)["input_ids"]) if max_response_tokens else 0
-        if max_response_tokens and n_r > max_response_tokens:
-            reasons.append(("response_too_many_tokens", f"response is {n_r:,} student tokens; limit LALP_MAX_RESPONSE_TOKENS={max_response_tokens}"))
-            continue
-        reasons.append(None)
-    bad = pl.Series([r is not None for r in reasons], dtype=pl.Boolean)
-    return traces.filter(~bad), _token_rejects(traces.filter(bad), [r for r in reasons if r is not None])
+    n = traces.height
+    n_p = pl.Series(token_counts(tokenizer, traces["prompt"].to_list()) if max_prompt_tokens else [0] * n, dtype=pl.Int64)
+    n_r = pl.Series(token_counts(tokenizer, traces["response"].to_list()) if max_response_tokens else [0] * n, dtype=pl.Int64)
+    over_p = (n_p > max_prompt_tokens) if max_prompt_tokens else pl.Series([False] * n)
+    over_r = ~over_p & ((n_r > max_response_tokens) if max_response_tokens else pl.Series([False] * n))
+    bad = over_p | over_r
+    reasons = [
+        ("prompt_too_many_tokens", f"prompt is {p:,} student tokens; limit LALP_MAX_PROMPT_TOKENS={max_prompt_tokens}") if op
+        else ("response_too_many_tokens", f"response is {r:,} student tokens; limit LALP_MAX_RESPONSE_TOKENS={max_response_tokens}")
+        for p, r, op in zip(n_p.filter(bad).to_list(), n_r.filter(bad).to_list(), over_p.filter(bad).to_list())
+    ]
+    return traces.filter(~bad), _token_rejects(traces.filter(bad), reasons)
 
 
 def _token_rejects(rows: pl.DataFrame, reasons: list[tuple[str, str]]) -> pl.DataFrame:
@@ -88,13 +123,17 @@ def _token_rejects(rows: pl.DataFrame, reasons: list[tuple[str, str]]) -> pl.Dat
 
 
 def segment_traces(traces: pl.DataFrame, segment_fn: Segmenter, tokenizer) -> pl.DataFrame:
-    """One row per step. Segment, then merge steps that own no student token into a neighbour."""
-
-    def segment(text: str):
-        spans, note = segment_fn(text)
-        return merge_unscored_steps(tokenizer, text, spans), note
-
-    return steps_frame(traces, segment)
+    """One row per step. Segment, then merge steps that own no student token into a neighbour
+    (the responses are tokenized in bounded batches, not one call per response)."""
+    texts = traces["response"].to_list()
+    cut = [segment_fn(text) for text in texts]
+    spans: list[list[tuple[int, int]]] = [list(c[0]) for c in cut]
+    many = [i for i, sp in enumerate(spans) if len(sp) > 1]  # one step needs no merging
+    for lo, hi in text_blocks([texts[i] for i in many]):
+        block = many[lo:hi]
+        for i, (_, starts) in zip(block, tokenize_many(tokenizer, [texts[i] for i in block])):
+            spans[i] = merge_unscored_steps(tokenizer, texts[i], spans[i], starts=starts)
+    return steps_from_spans(traces, spans, [c[1] for c in cut])
 
 
 # ---------------------------------------------------------------------------------- score
