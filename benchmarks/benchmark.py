@@ -307,6 +307,126 @@ def exact_floor(tokenizer, items, window: str = DEFAULT_WINDOW, template: str = 
     return {"response": response, "prefix": prefix, "total": response + prefix}
 
 
+# --------------------------------------------------------------------------- dtype agreement
+
+
+def _ranks(xs: Sequence[float]) -> list[float]:
+    """Ranks from 1, ties given their average rank."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    r = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return r
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    ra, rb = _ranks(a), _ranks(b)
+    n = len(ra)
+    if n < 2:
+        return math.nan
+    ma, mb = sum(ra) / n, sum(rb) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
+    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else math.nan
+
+
+def kendall_tau_b(a: Sequence[float], b: Sequence[float]) -> float:
+    n, conc, disc, ta, tb = len(a), 0, 0, 0, 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            da, db = a[i] - a[j], b[i] - b[j]
+            if da == 0 and db == 0:
+                continue
+            if da == 0:
+                ta += 1
+            elif db == 0:
+                tb += 1
+            elif (da > 0) == (db > 0):
+                conc += 1
+            else:
+                disc += 1
+    den = math.sqrt((conc + disc + ta) * (conc + disc + tb))
+    return (conc - disc) / den if den > 0 else math.nan
+
+
+def dtype_agreement(low: RunResult, ref: RunResult, rows) -> dict[str, float]:
+    """How far a lower-precision engine run is from a float32 one: step scores, response LALP,
+    teacher means (the ranking) and the per-prompt pick (argmax LALP)."""
+    keys = [k for k in ref.step_means if k in low.step_means
+            and not math.isnan(ref.step_means[k]) and not math.isnan(low.step_means[k])]
+    a = [low.step_means[k] for k in keys]
+    b = [ref.step_means[k] for k in keys]
+    diffs = [abs(x - y) for x, y in zip(a, b)]
+    meta = {r["response_id"]: (r["teacher"], r["prompt_id"]) for r in rows}
+
+    def lalp(run):
+        per: dict[str, list[float]] = {}
+        for (rid, _), m in run.step_means.items():
+            if not math.isnan(m):
+                per.setdefault(rid, []).append(m)
+        return {rid: sum(v) / len(v) for rid, v in per.items()}
+
+    la, lb = lalp(low), lalp(ref)
+    rids = sorted(set(la) & set(lb) & set(meta))
+    teachers = sorted({meta[r][0] for r in rids})
+    ta = [sum(la[r] for r in rids if meta[r][0] == t) / sum(meta[r][0] == t for r in rids) for t in teachers]
+    tb = [sum(lb[r] for r in rids if meta[r][0] == t) / sum(meta[r][0] == t for r in rids) for t in teachers]
+    prompts = sorted({meta[r][1] for r in rids})
+    same_pick = sum(
+        max((r for r in rids if meta[r][1] == p), key=la.get) == max((r for r in rids if meta[r][1] == p), key=lb.get)
+        for p in prompts)
+    return {
+        "steps": len(keys), "step_max_abs": max(diffs) if diffs else math.nan,
+        "step_mean_abs": sum(diffs) / len(diffs) if diffs else math.nan,
+        "step_spearman": spearman(a, b), "step_kendall": kendall_tau_b(a, b),
+        "response_spearman": spearman([la[r] for r in rids], [lb[r] for r in rids]),
+        "response_kendall": kendall_tau_b([la[r] for r in rids], [lb[r] for r in rids]),
+        "teachers": len(teachers), "teacher_spearman": spearman(ta, tb), "teacher_kendall": kendall_tau_b(ta, tb),
+        "teacher_order_equal": [t for _, t in sorted(zip(ta, teachers), reverse=True)]
+        == [t for _, t in sorted(zip(tb, teachers), reverse=True)],
+        "prompts": len(prompts), "same_pick": same_pick,
+    }
+
+
+# --------------------------------------------------------------------------- host-side rate
+
+
+def host_rate(tokenizer, items, window: str = DEFAULT_WINDOW, template: str = "chat", repeats: int = 3) -> dict:
+    """The engine's host-side rate with a tiny model (1 layer, width 16: its device work is
+    negligible next to the host's): tokenization, planning, cache keys, packing, tile and bucket
+    building, result assembly. Returns token-forwards per second of wall time and of host time
+    (wall minus the time inside the model and head), best of `repeats`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lalp_resources.engine import ScoringEngine
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1 << 16)
+    model = LlamaForCausalLM(cfg).eval()
+    model.config._attn_implementation = "sdpa"
+    best = None
+    for _ in range(repeats):
+        eng = ScoringEngine(model, tokenizer, window=window, template=template, namespace="host-rate")
+        t0 = time.perf_counter()
+        eng.score_all(items)
+        wall = time.perf_counter() - t0
+        st = eng.stats
+        fwd = st.tokens_forwarded + st.prefix_tokens
+        r = {"token_forwards": fwd, "wall_s": wall, "host_s": st.host_seconds, "device_s": wall - st.host_seconds,
+             "wall_rate": fwd / wall, "host_rate": fwd / max(st.host_seconds, 1e-9)}
+        if best is None or r["host_rate"] > best["host_rate"]:
+            best = r
+    return best
+
+
 # --------------------------------------------------------------------------- the two runs
 
 
@@ -940,6 +1060,11 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--model", default="smollm2", help="student spec for load_student (default: smollm2)")
     p.add_argument("--data", type=Path, default=None, help=f"ZeroEval directory (default {ZEROEVAL_DIR})")
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: by GPU name)")
+    p.add_argument("--vs-float32", action="store_true",
+                   help="with --dtype bfloat16/float16: also run the engine in float32 and report step-score and "
+                   "ranking agreement (Spearman/Kendall of steps, responses and teacher means; per-prompt picks)")
+    p.add_argument("--host-rate", action="store_true",
+                   help="also report the engine's host-side rate (planning, packing, keys, assembly) with a tiny model")
     p.add_argument("--memory", action="store_true", help="also measure peak memory on long synthetic traces")
     p.add_argument("--memory-only", action="store_true", help="only the memory table (no final speedup line)")
     p.add_argument("--memory-sizes", default=None,
@@ -998,6 +1123,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in res.report():
             print(line)
         final = res.final_line
+        if args.vs_float32 and student.dtype != "float32":
+            import torch
+
+            ref_args = argparse.Namespace(**{**vars(args), "dtype": "float32"})
+            fp32 = load_bench_student(ref_args)
+            print(f"float32 engine for agreement ... (load average {_loadavg()})")
+            e32 = run_engine(fp32.model, fp32.tokenizer, items, args.window, args.template, **engine_kw)
+            ag = dtype_agreement(res.engine, e32, rows)
+            print(f"{student.dtype} vs float32 (engine, same items): {student.dtype} {res.engine.seconds:.1f}s vs "
+                  f"float32 {e32.seconds:.1f}s ({e32.seconds / res.engine.seconds:.2f}x); "
+                  + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in ag.items()))
+            del fp32, torch
+        if args.host_rate:
+            hr = host_rate(student.tokenizer, items, args.window, args.template)
+            print(f"host-side rate (tiny 1-layer model): {hr['token_forwards']} token-forwards, wall {hr['wall_s']:.3f}s "
+                  f"(host {hr['host_s']:.3f}s + model {hr['device_s']:.3f}s): {hr['host_rate']:,.0f} token-forwards/s of "
+                  f"host work, {hr['wall_rate']:,.0f} end to end")
     if args.memory or args.memory_only:
         results = run_memory(args, student, texts, rows)
         print()

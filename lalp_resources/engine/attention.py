@@ -110,9 +110,9 @@ def build_buckets(tiles: np.ndarray, k_offset: int, max_elements: int, n_rows: i
         ctx = (ts[:, 5] - ts[:, 4]) + (ts[:, 7] - ts[:, 6])
         # query j of a tile sees its context and its own keys up to itself; padded queries see slot 0
         lim = np.where(valid, ctx[:, None] + k_offset + ts[:, 1:2] + j - ts[:, 3:4] + 1, 1)
-        visible = np.arange(Km)[None, None, :] < lim[:, :, None]
-        mask = to_device(visible[:, None])
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        # additive mask built on the host in one pass, converted to the model's dtype on the device
+        mask = np.where(np.arange(Km)[None, None, None, :] < lim[:, None, :, None], np.float32(0), np.float32(-np.inf))
+        mask = to_device(mask).to(dtype)
         dst = np.where(valid, qidx, n_rows)
         out.append(Bucket(to_device(qidx.reshape(-1)), to_device(kidx.reshape(-1)), mask,
                           to_device(dst.reshape(-1)), (n, Qm, Km)))

