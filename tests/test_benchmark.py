@@ -217,3 +217,32 @@ def test_random_weights_needs_a_bundle():
 def test_reading_a_folder_that_is_not_a_bundle_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a benchmark bundle"):
         bm.read_bundle(tmp_path)
+
+
+def test_rank_correlations():
+    a, b = [1, 2, 3, 4, 5], [2, 1, 4, 3, 5]
+    assert bm.kendall_tau_b(a, b) == pytest.approx(0.6)      # 8 concordant, 2 discordant pairs
+    assert bm.spearman(a, b) == pytest.approx(0.8)           # 1 - 6 * 4 / (5 * 24)
+    assert bm.spearman(a, a[::-1]) == pytest.approx(-1) and bm.kendall_tau_b(a, a[::-1]) == pytest.approx(-1)
+    assert bm._ranks([3.0, 1.0, 3.0]) == [2.5, 1.0, 2.5]
+    assert math.isnan(bm.spearman([1.0], [2.0]))
+
+
+def test_dtype_agreement_reports_ranking_changes():
+    rows = [{"response_id": f"{p}{t}", "teacher": t, "prompt_id": p} for p in "xy" for t in "AB"]
+    ref = bm.RunResult("fp32", 1.0, {("xA", 0): -1.0, ("xB", 0): -2.0, ("yA", 0): -1.5, ("yB", 0): -2.5},
+                       {}, {}, {})
+    close = bm.RunResult("bf16", 0.5, {k: v + 1e-3 for k, v in ref.step_means.items()}, {}, {}, {})
+    ag = bm.dtype_agreement(close, ref, rows)
+    assert ag["step_max_abs"] == pytest.approx(1e-3) and ag["teacher_spearman"] == pytest.approx(1.0)
+    assert ag["teacher_order_equal"] and ag["same_pick"] == 2 == ag["prompts"]
+    flipped = bm.RunResult("bf16", 0.5, {**ref.step_means, ("xB", 0): -0.5, ("yB", 0): -0.9}, {}, {}, {})
+    ag = bm.dtype_agreement(flipped, ref, rows)
+    assert not ag["teacher_order_equal"] and ag["same_pick"] == 0 and ag["teacher_kendall"] == pytest.approx(-1.0)
+
+
+def test_host_rate_counts_the_engine_work(smol_tokenizer):
+    items = _items(smol_tokenizer)
+    r = bm.host_rate(smol_tokenizer, items, "fixed:2", "chat", repeats=1)
+    floor = bm.exact_floor(smol_tokenizer, items, "fixed:2", "chat")
+    assert r["token_forwards"] >= floor["total"] and r["host_s"] > 0 and r["host_rate"] > r["wall_rate"] > 0
