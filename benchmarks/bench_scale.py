@@ -5,7 +5,9 @@
 1. Inputs. N canonical traces (Parquet by default) made from the real ZeroEval MATH level-5
    text: new prompt id `s0000000`, `s0000001`, ... takes real problem `i mod P` (the P problems
    that all eight teachers answered parseably) and each teacher's real response to it, cycling,
-   until there are N rows. One row in `--bad-every` has its response blanked, so the
+   until there are N rows. Each cycle's prompts end in a different run of invisible characters
+   (U+2060..U+2064) that the student's tokenizer normalizes away: every prompt text is distinct,
+   as in real data (the engine groups and commits per prompt text), yet reads as the same tokens. One row in `--bad-every` has its response blanked, so the
    quarantine is never empty and "rows in = accepted + quarantined" is exercised.
 2. The student. A tiny random Llama (1 layer, hidden 32) with a real byte-level BPE tokenizer
    (about 1k tokens) trained on those texts with `tokenizers`, and a small chat template, saved
@@ -118,6 +120,8 @@ def generate(data_dir: Path, rows: int, teachers: int, out: Path, fmt: str, bad_
                 .sort("g")
                 .with_columns(
                     pl.format("s{}", pl.col("i").cast(pl.Utf8).str.zfill(7)).alias("prompt_id"),
+                    (pl.col("prompt") + (pl.col("i") // n_problems).map_batches(_cycle_marks, return_dtype=pl.Utf8))
+                    .alias("prompt"),
                     pl.when((pl.col("g") % bad_every) == bad_every - 1).then(pl.lit("")).otherwise(pl.col("response"))
                     .alias("response") if bad_every > 0 else pl.col("response"),
                 )
@@ -137,6 +141,26 @@ def generate(data_dir: Path, rows: int, teachers: int, out: Path, fmt: str, bad_
             "real_teachers": len(names), "blank_responses": n_bad, "bytes": out.stat().st_size}
 
 
+# Invisible characters (word joiner, function application, invisible times/separator/plus) that the
+# benchmark student's tokenizer normalizes away: each cycle through the real problems gets its own
+# prompt text (as real prompts are distinct, so the engine groups and commits as it would on real
+# data) that the student reads as the same tokens (so the pre-filled score cache answers).
+MARKS = "\u2060\u2061\u2062\u2063\u2064"
+
+
+def _cycle_marks(cycles: "pl.Series") -> "pl.Series":
+    import polars as pl
+
+    def mark(c: int) -> str:
+        out = ""
+        while c:
+            c, r = divmod(c, len(MARKS))
+            out += MARKS[r]
+        return out
+
+    return pl.Series([mark(c) for c in cycles.to_list()], dtype=pl.Utf8)
+
+
 class _Null:
     def __enter__(self):
         return None
@@ -149,12 +173,13 @@ def build_student(data_dir: Path, model_dir: Path, teachers: int) -> Path:
     """A byte-level BPE tokenizer (~1k tokens, chat template) trained on the real texts, and a
     tiny random Llama over it, saved as a local Hugging Face model directory."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     real, _, _ = real_rows(data_dir, teachers)
     texts = real["prompt"].unique().to_list() + real["response"].to_list()
     tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Replace(Regex(f"[{MARKS}]"), "")
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIAL, show_progress=False,
