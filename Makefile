@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 
-.PHONY: setup demo test test-fast bench bench-scale gpu-bundle ui clean
+.PHONY: setup demo test test-fast bench bench-scale gpu-bundle ui docs-screenshots clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -47,6 +47,11 @@ gpu-bundle: setup
 
 ui: setup
 	$(BIN)/dagster dev -w workspace.yaml
+
+# The README's UI screenshots (docs/ui_*.png) from the instance `make demo` left in dagster_home/:
+# a temporary `dagster dev` on a free loopback port, Debian's headless chromium via Playwright.
+docs-screenshots: setup
+	$(BIN)/python docs/screenshots.py
 
 clean:
 	rm -rf $(VENV) out test-artifacts
