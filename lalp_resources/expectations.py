@@ -1,9 +1,13 @@
 """Great Expectations (1.x) suites that guard each stage.
 
-GX has no Polars or DuckDB backend, so each suite validates a pandas frame (from Polars). Some
+GX has no Polars or DuckDB backend, so each suite validates pandas frames (from Polars). Some
 properties are not column-local (steps must tile their response; curated rows must join back to
-a raw trace): those are derived as boolean columns with Polars first, and GX checks the column.
-GX is imported lazily (the import takes seconds) and one ephemeral context serves the process.
+a raw trace; ids must be unique): those are derived as boolean columns with Polars first, over
+the whole frame, and GX checks the column. Every expectation is then row-local, so a large frame
+is validated in fixed-size batches (`BATCH_ROWS`) against one suite and the outcomes merged:
+every row is checked, and memory stays bounded whatever the table's size. Only the columns an
+expectation reads are converted. GX is imported lazily (the import takes seconds) and one
+ephemeral context serves the process.
 """
 
 from __future__ import annotations
@@ -55,52 +59,98 @@ def _context():
         return _ctx
 
 
-def validate(suite_name: str, df: pl.DataFrame, expectations: list[tuple[str, dict]]) -> SuiteResult:
-    """Run expectations (GX class name, kwargs) against a frame; never raises on bad data."""
+# rows per GX batch: a pandas frame of this many rows (of the few columns a suite reads) at a time
+BATCH_ROWS = 100_000
+# expectations that compare rows with each other cannot be split into batches
+NOT_ROW_LOCAL = frozenset({"ExpectColumnValuesToBeUnique", "ExpectCompoundColumnsToBeUnique",
+                           "ExpectSelectColumnValuesToBeUniqueWithinRecord", "ExpectColumnUniqueValueCountToBeBetween",
+                           "ExpectColumnProportionOfUniqueValuesToBeBetween"})
+MAX_EXAMPLES = 5
+
+
+def validate(suite_name: str, df: pl.DataFrame, expectations: list[tuple[str, dict]],
+             batch_rows: int = BATCH_ROWS) -> SuiteResult:
+    """Run expectations (GX class name, kwargs) against a frame, in batches of `batch_rows`
+    rows; never raises on bad data. Failures are merged over the batches: unexpected counts
+    summed, the first examples kept."""
     import great_expectations as gx
 
+    if df.height > batch_rows and any(cls in NOT_ROW_LOCAL for cls, _ in expectations):
+        raise ValueError(f"{suite_name}: expectations that compare rows cannot run in batches; derive a per-row "
+                         "column first (see `duplicated`) and check that")
     ctx = _context()
+    merged: list[dict] = []
+    success = True
     with _ctx_lock:
         name = f"{suite_name}-{id(df)}-{threading.get_ident()}"
         ds = ctx.data_sources.add_pandas(name)
-        batch_def = ds.add_dataframe_asset("frame").add_batch_definition_whole_dataframe("all")
-        suite = gx.ExpectationSuite(name=name)
-        for cls_name, kwargs in expectations:
-            suite.add_expectation(getattr(gx.expectations, cls_name)(**kwargs))
-        batch = batch_def.get_batch(batch_parameters={"dataframe": df.to_pandas()})
-        res = batch.validate(suite, result_format="SUMMARY")
-        ctx.data_sources.delete(name)
+        try:
+            batch_def = ds.add_dataframe_asset("frame").add_batch_definition_whole_dataframe("all")
+            suite = gx.ExpectationSuite(name=name)
+            for cls_name, kwargs in expectations:
+                suite.add_expectation(getattr(gx.expectations, cls_name)(**kwargs))
+            for lo in range(0, max(df.height, 1), batch_rows):
+                part = df.slice(lo, batch_rows).to_pandas()
+                res = batch_def.get_batch(batch_parameters={"dataframe": part}).validate(suite, result_format="SUMMARY")
+                del part
+                success = success and bool(res.success)
+                for k, r in enumerate(res.results):
+                    if k == len(merged):
+                        kw = {key: v for key, v in r.expectation_config.kwargs.items() if key != "batch_id"}
+                        merged.append({"type": r.expectation_config.type, "kwargs": kw, "success": True,
+                                       "unexpected_count": None, "examples": [], "exception": None})
+                    m = merged[k]
+                    if r.success:
+                        continue
+                    detail = r.result or {}
+                    m["success"] = False
+                    if detail.get("unexpected_count") is not None:
+                        m["unexpected_count"] = (m["unexpected_count"] or 0) + detail["unexpected_count"]
+                    room = MAX_EXAMPLES - len(m["examples"])
+                    m["examples"] += [str(x)[:200] for x in (detail.get("partial_unexpected_list") or [])[:room]]
+                    info = r.exception_info
+                    if m["exception"] is None and isinstance(info, dict):
+                        m["exception"] = info.get("exception_message")
+        finally:
+            ctx.data_sources.delete(name)
     failures, evaluated = [], []
-    for r in res.results:
-        kw = {k: v for k, v in r.expectation_config.kwargs.items() if k != "batch_id"}
-        label = f"{r.expectation_config.type}({', '.join(f'{k}={v!r}' for k, v in kw.items())})"
-        evaluated.append(label)
-        if not r.success:
-            detail = r.result or {}
-            failures.append(
-                {
-                    "expectation": r.expectation_config.type,
-                    "kwargs": str(kw),
-                    "unexpected_count": detail.get("unexpected_count"),
-                    "examples": [str(x)[:200] for x in (detail.get("partial_unexpected_list") or [])[:5]],
-                    "exception": (r.exception_info or {}).get("exception_message") if isinstance(r.exception_info, dict) else None,
-                }
-            )
-    return SuiteResult(suite_name, bool(res.success), df.height, failures, evaluated)
+    for m in merged:
+        kw = m["kwargs"]
+        evaluated.append(f"{m['type']}({', '.join(f'{k}={v!r}' for k, v in kw.items())})")
+        if not m["success"]:
+            failures.append({"expectation": m["type"], "kwargs": str(kw), "unexpected_count": m["unexpected_count"],
+                             "examples": m["examples"], "exception": m["exception"]})
+    return SuiteResult(suite_name, success, df.height, failures, evaluated)
+
+
+def duplicated(column: str) -> pl.Expr:
+    """`duplicate_<column>`: the row's value where it occurs more than once in the whole frame,
+    else null. Uniqueness as a row-local column (expect it to be null), so it can be validated in
+    batches, and a failure's examples are the repeated values themselves."""
+    col = pl.col(column)
+    return pl.when(col.is_duplicated() & col.is_not_null()).then(col).otherwise(None).alias(f"duplicate_{column}")
+
+
+def unique(column: str) -> tuple[str, dict]:
+    """The expectation that goes with `duplicated(column)`."""
+    return ("ExpectColumnValuesToBeNull", {"column": f"duplicate_{column}"})
 
 
 # --- the suites -------------------------------------------------------------------------------
 
 
 def raw_traces_suite(traces: pl.DataFrame) -> SuiteResult:
-    df = traces.with_columns(pl.col("response").fill_null("").str.strip_chars().str.len_chars().alias("response_chars"))
     keys = ["response_id", "prompt_id", "teacher", "source_uri", "source_sha256"]
+    df = traces.select(
+        *keys, duplicated("response_id"),
+        pl.col("response").fill_null("").str.strip_chars().str.len_chars().alias("response_chars"),
+    )
     return validate(
         "raw_teacher_traces",
-        df.select(keys + ["response_chars"]),
+        df,
         [("ExpectColumnValuesToNotBeNull", {"column": c}) for c in keys]
         + [
-            ("ExpectColumnValuesToBeUnique", {"column": "response_id"}),
+            unique("response_id"),
             ("ExpectColumnValuesToBeBetween", {"column": "response_chars", "min_value": 1}),
         ],
     )
@@ -133,7 +183,7 @@ def steps_suite(steps: pl.DataFrame, traces: pl.DataFrame) -> SuiteResult:
             .alias("tiles_response")
         )
     )
-    blank = steps.with_columns((pl.col("text").str.strip_chars() == "").alias("whitespace_only"))
+    blank = steps.select("response_id", "step_index", (pl.col("text").str.strip_chars() == "").alias("whitespace_only"))
     tiles = validate(
         "reasoning_steps_tiling",
         per_resp.select("response_id", "tiles_response"),
@@ -141,7 +191,7 @@ def steps_suite(steps: pl.DataFrame, traces: pl.DataFrame) -> SuiteResult:
     )
     nonblank = validate(
         "reasoning_steps_nonblank",
-        blank.select("response_id", "step_index", "whitespace_only"),
+        blank,
         [
             ("ExpectColumnValuesToBeInSet", {"column": "whitespace_only", "value_set": [False]}),
             ("ExpectColumnValuesToNotBeNull", {"column": "response_id"}),
@@ -157,10 +207,10 @@ def steps_suite(steps: pl.DataFrame, traces: pl.DataFrame) -> SuiteResult:
 
 
 def step_scores_suite(scores: pl.DataFrame) -> SuiteResult:
-    df = scores.with_columns(pl.col("mean_logprob").fill_nan(None))
+    df = scores.select("response_id", "step_index", pl.col("mean_logprob").fill_nan(None), "n_tokens")
     return validate(
         "step_scores",
-        df.select("response_id", "step_index", "mean_logprob", "n_tokens"),
+        df,
         [
             ("ExpectColumnValuesToNotBeNull", {"column": "mean_logprob"}),
             ("ExpectColumnValuesToBeBetween", {"column": "mean_logprob", "max_value": 0.0}),
@@ -192,12 +242,15 @@ def rankings_suite(teachers: list[str], rankings: pl.DataFrame) -> SuiteResult:
 
 
 def curated_suite(curated: pl.DataFrame, raw_ids: pl.Series) -> SuiteResult:
-    df = curated.with_columns(pl.col("response_id").is_in(raw_ids.implode()).alias("joins_raw_trace"))
+    df = curated.select(
+        "prompt_id", "response_id", duplicated("prompt_id"),
+        pl.col("response_id").is_in(raw_ids.implode()).alias("joins_raw_trace"),
+    )
     return validate(
         "curated_sft_dataset",
-        df.select("prompt_id", "response_id", "joins_raw_trace"),
+        df,
         [
-            ("ExpectColumnValuesToBeUnique", {"column": "prompt_id"}),
+            unique("prompt_id"),
             ("ExpectColumnValuesToNotBeNull", {"column": "response_id"}),
             ("ExpectColumnValuesToBeInSet", {"column": "joins_raw_trace", "value_set": [True]}),
         ],
