@@ -10,11 +10,11 @@
    as in real data (the engine groups and commits per prompt text), yet reads as the same tokens. One row in `--bad-every` has its response blanked, so the
    quarantine is never empty and "rows in = accepted + quarantined" is exercised.
 2. The student. A tiny random Llama (1 layer, hidden 32) with a real byte-level BPE tokenizer
-   (about 1k tokens) trained on those texts with `tokenizers`, and a small chat template, saved
-   as a local model directory.
+   (about 1k tokens) trained on the real texts with `tokenizers`, and a small chat template,
+   saved as a local model directory (built once, kept under `~/.cache/lalp/bench_scale/`).
 3. The score cache, pre-filled. Before the timed run the student scores each distinct
    (prompt, response) of the inputs once (P x teachers responses; kept between runs under
-   `~/.cache/lalp/bench_scale/`, keyed by the student's fingerprint), and those rows go into the
+   `~/.cache/lalp/bench_scale/` with the student, keyed by its fingerprint), and those rows go into the
    fresh warehouse's `score_cache`. Every window of the timed run is then a cache hit: no
    forward pass, so the pipeline's own costs show, and every row still goes through ingest,
    token caps, segmentation, window planning and tokenization, the cache lookup, the commits,
@@ -169,15 +169,21 @@ class _Null:
         return False
 
 
-def build_student(data_dir: Path, model_dir: Path, teachers: int) -> Path:
+STUDENT_VERSION = "1"  # bump when the student's recipe below changes
+
+
+def build_student(data_dir: Path, model_dir: Path) -> Path:
     """A byte-level BPE tokenizer (~1k tokens, chat template) trained on the real texts, and a
-    tiny random Llama over it, saved as a local Hugging Face model directory."""
+    tiny random Llama over it, saved as a local Hugging Face model directory (written to a
+    temporary name, then renamed: concurrent builders are safe)."""
     import torch
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    real, _, _ = real_rows(data_dir, teachers)
-    texts = real["prompt"].unique().to_list() + real["response"].to_list()
+    if (model_dir / "config.json").exists():
+        return model_dir
+    real, _, _ = real_rows(data_dir, DEFAULT_TEACHERS)  # every real teacher's text, once
+    texts = real["prompt"].unique(maintain_order=True).to_list() + real["response"].to_list()
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.Replace(Regex(f"[{MARKS}]"), "")
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -187,14 +193,30 @@ def build_student(data_dir: Path, model_dir: Path, teachers: int) -> Path:
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>", pad_token="<|end|>",
                                    chat_template=CHAT_TEMPLATE)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(model_dir)
+    tmp = model_dir.with_name(f"{model_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fast.save_pretrained(tmp)
     torch.manual_seed(5)
     cfg = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16384,
                       eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, bos_token_id=None)
-    LlamaForCausalLM(cfg).eval().save_pretrained(model_dir)
+    LlamaForCausalLM(cfg).eval().save_pretrained(tmp)
+    try:
+        tmp.rename(model_dir)
+    except OSError:  # another builder got there first
+        shutil.rmtree(tmp, ignore_errors=True)
     return model_dir
+
+
+def student_dir(data_dir: Path, store: Path) -> Path:
+    """Where the student lives between runs: its path is part of its fingerprint, so a fixed
+    path keeps the pre-scored windows valid from one run to the next."""
+    import hashlib
+
+    files = sorted((p.name, p.stat().st_size) for p in data_dir.glob("*.json"))
+    key = hashlib.sha256(json.dumps([STUDENT_VERSION, VOCAB, files]).encode()).hexdigest()[:12]
+    return store / f"student-{key}"
 
 
 def cache_store() -> Path:
@@ -203,7 +225,7 @@ def cache_store() -> Path:
     return Path(Settings.__dataclass_fields__["cache_dir"].default) / "bench_scale"
 
 
-def prescore(data_dir: Path, work: Path, teachers: int, problems: int, store: Path) -> dict:
+def prescore(data_dir: Path, work: Path, model_dir: Path, teachers: int, problems: int, store: Path) -> dict:
     """Score each distinct (prompt, response) of the inputs once with the pipeline's own stage
     functions and engine, reusing and extending the rows kept in `store` for this student, and
     write them to `work/inputs/score_cache.parquet` for the warehouse."""
@@ -220,7 +242,7 @@ def prescore(data_dir: Path, work: Path, teachers: int, problems: int, store: Pa
     distinct = real.unique(["prompt", "response"], maintain_order=True).select(
         pl.format("d{}-{}", "j", "k").alias("response_id"), pl.format("d{}", "j").alias("prompt_id"),
         pl.col("teacher"), "prompt", "response")
-    st = load_student(str(work / "student"), device="cpu", dtype="float32", cache_dir=str(work / "cache"))
+    st = load_student(str(model_dir), device="cpu", dtype="float32", cache_dir=str(work / "cache"))
     namespace = f"{st.fingerprint}|chat|{st.dtype}"  # what the pipeline's engine uses (template chat)
     kept = store / f"{hashlib.sha256(namespace.encode()).hexdigest()[:16]}.parquet"
     cache = DictCache()
@@ -249,9 +271,10 @@ def prescore(data_dir: Path, work: Path, teachers: int, problems: int, store: Pa
 def prepare(data_dir: Path, work: Path, rows: int, teachers: int, fmt: str, bad_every: int, problems: int,
             cold: bool, store: Path) -> dict:
     info = generate(data_dir, rows, teachers, work / "inputs" / f"traces.{fmt}", fmt, bad_every, problems)
-    build_student(data_dir, work / "student", teachers)
+    model_dir = build_student(data_dir, student_dir(data_dir, store))
+    info["student"] = str(model_dir)
     if not cold:
-        info.update(prescore(data_dir, work, teachers, problems, store))
+        info.update(prescore(data_dir, work, model_dir, teachers, problems, store))
     return info
 
 
@@ -374,7 +397,7 @@ def print_table(rows: list[dict], file=sys.stdout) -> None:
 # --------------------------------------------------------------------------------- the run
 
 
-def run_graph(work: Path, trace_file: Path, verbose: bool = False, cold: bool = False) -> dict:
+def run_graph(work: Path, trace_file: Path, model_dir: str, verbose: bool = False, cold: bool = False) -> dict:
     """The whole graph in this process, the way `lalp run` does it; returns the measurements."""
     import logging
 
@@ -400,7 +423,7 @@ def run_graph(work: Path, trace_file: Path, verbose: bool = False, cold: bool = 
     shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
     settings = Settings(
         dagster_home=str(home), sources=(str(trace_file),), source_format="canonical", max_prompts=0,
-        model=str(work / "student"), device="cpu", dtype="float32", template="chat",
+        model=model_dir, device="cpu", dtype="float32", template="chat",
         cache_dir=str(work / "cache"),
     )
     prefilled = 0 if cold else prefill_cache(settings.warehouse, work / "inputs" / "score_cache.parquet")
@@ -516,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"score cache: {info['distinct_responses']:,} distinct responses, {info['cache_rows']:,} windows pre-scored "
                   f"({info['windows_scored_now']:,} scored now in {info['prescore_seconds']}s, the rest kept from earlier runs "
                   f"in {args.cache_store})")
-        res = run_graph(work, trace_file, verbose=args.verbose, cold=args.cold)
+        res = run_graph(work, trace_file, info["student"], verbose=args.verbose, cold=args.cold)
         load_after = os.getloadavg()
         print()
         print_table(res["table"])
