@@ -81,8 +81,10 @@ def build_step_scores(student, settings, partitions_def, backfill, k8s_gpu: bool
         scope = scope_of(context)
         wh = warehouse.get()
         with wh.connect(read_only=True) as con:
-            steps = query(con, "SELECT * FROM reasoning_steps WHERE teacher IN (SELECT unnest(?)) ORDER BY response_id, step_index",
-                          [scope.teachers])
+            # spans and provenance; not the step texts (the engine cuts them from the response)
+            steps = query(con, "SELECT response_id, step_index, char_start, char_end, prompt_id, teacher, segmenter, "
+                               "segmenter_version, source_uri, source_sha256, ingest_run_id FROM reasoning_steps "
+                               "WHERE teacher IN (SELECT unnest(?)) ORDER BY response_id, step_index", [scope.teachers])
             traces = query(
                 con,
                 "SELECT response_id, prompt_id, teacher, prompt, response FROM raw_teacher_traces "
@@ -178,8 +180,13 @@ def build_response_scores(shards: int, partitions_def, backfill) -> dg.AssetsDef
     def response_scores(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
         teachers = scope_of(context).teachers
         wh = warehouse.get()
+        cfg_cols = ["student", "segmenter", "segmenter_version", "window_spec", "template", "dtype", "score_run_id"]
         with wh.connect(read_only=True) as con:
-            steps = query(con, "SELECT * FROM step_scores WHERE teacher IN (SELECT unnest(?))", [teachers])
+            # only the columns LALP needs, and the per-response config aggregated in SQL: not every
+            # step row's provenance in memory
+            steps = query(con, "SELECT response_id, mean_logprob FROM step_scores WHERE teacher IN (SELECT unnest(?))", [teachers])
+            cfg = query(con, "SELECT response_id, " + ", ".join(f"first({c} ORDER BY step_index) AS {c}" for c in cfg_cols)
+                        + " FROM step_scores WHERE teacher IN (SELECT unnest(?)) GROUP BY response_id", [teachers])
             galp = query(con, "SELECT response_id, galp, galp_tokens FROM galp_scores WHERE teacher IN (SELECT unnest(?))", [teachers])
             with_steps = query(con, "SELECT DISTINCT response_id FROM reasoning_steps WHERE teacher IN (SELECT unnest(?))", [teachers])
             raw = query(
@@ -187,8 +194,6 @@ def build_response_scores(shards: int, partitions_def, backfill) -> dg.AssetsDef
                 "FROM raw_teacher_traces WHERE teacher IN (SELECT unnest(?))", [teachers],
             )
         present = sorted(set(raw["teacher"].unique().to_list()))
-        cfg_cols = ["student", "segmenter", "segmenter_version", "window_spec", "template", "dtype", "score_run_id"]
-        cfg = steps.group_by("response_id").agg([pl.col(c).first() for c in cfg_cols])
         df = aggregate_responses(steps, galp).join(raw, on="response_id", how="inner").join(cfg, on="response_id", how="left")
         def replace(con):
             con.execute("DELETE FROM response_scores WHERE teacher IN (SELECT unnest(?))", [present])
