@@ -74,15 +74,21 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
         ensure_version(context, curated_version(settings))
         wh = warehouse.get()
         with wh.connect(read_only=True) as con:
+            # every candidate's scores and verdict, but the texts of the chosen ones only (below)
             cand = query(
                 con,
                 "SELECT s.response_id, s.prompt_id, s.teacher, s.lalp, s.galp, s.score_run_id, r.is_correct, "
-                "r.reference_answer, r.verify_reason, r.prompt, r.response, r.source_uri, r.source_sha256, r.ingest_run_id "
+                "r.reference_answer, r.verify_reason, r.source_uri, r.source_sha256, r.ingest_run_id "
                 "FROM response_scores s JOIN raw_teacher_traces r USING (response_id)",
             )
             raw_ids = query(con, "SELECT response_id FROM raw_teacher_traces")["response_id"]
+            decisions, chosen = select_responses(cand, require_correct=settings.require_correct)
+            texts = query(con, "SELECT response_id, prompt, response FROM raw_teacher_traces "
+                               "WHERE response_id IN (SELECT unnest(?))", [chosen["response_id"].to_list()])
         run_id = context.run.run_id
-        decisions, chosen = select_responses(cand, require_correct=settings.require_correct)
+        columns = chosen.columns
+        at = columns.index("verify_reason") + 1
+        chosen = chosen.join(texts, on="response_id", how="left").select(columns[:at] + ["prompt", "response"] + columns[at:])
         curated = chosen.with_columns(
             pl.Series("messages", [sft_messages(p, r) for p, r in chosen.select("prompt", "response").iter_rows()], dtype=pl.Utf8),
             pl.lit(run_id).alias("select_run_id"),
