@@ -640,7 +640,6 @@ class BenchResult:
             )
         if self.rates:
             f = self.flops
-            r0 = self.rates[0]
             lines.append(
                 f"hardware: matmul on the student's shapes ({self.dtype}, {self.rates[0].get('threads', '?')} threads), "
                 + "; ".join(f"{k} {r['body'] / 1e9:.1f} / head {r['head'] / 1e9:.1f} GFLOP/s"
@@ -649,8 +648,7 @@ class BenchResult:
             lines.append(
                 f"engine model FLOPs: body {f['body'] / 1e12:.3f} + attention {f['attention'] / 1e12:.3f} + head "
                 f"{f['head'] / 1e12:.3f} = {f['total'] / 1e12:.3f} TFLOP in {self.engine.seconds:.2f}s = "
-                f"{self.achieved_flops / 1e9:.1f} GFLOP/s -> peak_fraction {self.peak_fraction:.3f}"
-                + ("" if r0 else ""))
+                f"{self.achieved_flops / 1e9:.1f} GFLOP/s -> peak_fraction {self.peak_fraction:.3f}")
         if self.floor:
             fl = self.floor
             lines.append(

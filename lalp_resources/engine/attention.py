@@ -68,7 +68,7 @@ class SparsePlan:
 
 
 def _tile_keys(t, k_offset: int) -> np.ndarray:
-    _, q0, q1, c, pa, pb, xa, xb = (int(x) for x in t)
+    _, _, q1, c, pa, pb, xa, xb = (int(x) for x in t)
     return np.concatenate([np.arange(pa, pb), np.arange(xa, xb), np.arange(c, k_offset + q1)])
 
 
