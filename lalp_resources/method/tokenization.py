@@ -40,9 +40,11 @@ def token_starts(offsets: Sequence[tuple[int, int]]) -> list[int]:
     first character is min(its reported start, the previous token's end).
     """
     starts, prev_end = [], 0
+    append = starts.append  # a hot loop (every window of every response): no min/max calls
     for s, e in offsets:
-        starts.append(min(s, prev_end))
-        prev_end = max(prev_end, e)
+        append(s if s < prev_end else prev_end)
+        if e > prev_end:
+            prev_end = e
     return starts
 
 
