@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 # tests/dagster_dev.py: start `dagster dev`, wait for the code location, end the process tree
 sys.path.insert(0, str(REPO / "tests"))
-from dagster_dev import DagsterDev
+from dagster_dev import DagsterDev, show_whole_graph
 
 CHROMIUM = os.environ.get("LALP_SCREENSHOT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # as in tests/test_browser.py: without the background-networking flags Chromium can stall offline
@@ -72,44 +72,6 @@ def _metadata_row(pg, key: str):
     return row
 
 
-def _show_whole_graph(page) -> None:
-    """Expand the groups, hide the asset tree, zoom in until the nodes show their details and
-    centre the graph (tests/test_browser.py::_show_whole_graph)."""
-    svg = page.locator("[class*='svgContainer']").first
-    svg.wait_for(state="visible")
-    view = svg.locator("xpath=../..").bounding_box()
-    page.mouse.click(view["x"] + 40, view["y"] + view["height"] - 40, button="right")
-    expand = page.get_by_role("menuitem", name="Expand all groups")
-    if expand.count():
-        expand.click()
-    else:
-        page.keyboard.press("Escape")
-    page.locator("button:has([aria-label='panel_show_right'])").first.click()
-    zoom_in = page.locator("button:has([aria-label='zoom_in'])").first
-    for _ in range(12):
-        if page.get_by_text("Asset checks").count() >= len(ASSETS):
-            break
-        zoom_in.click()
-        page.wait_for_timeout(300)
-    page.wait_for_timeout(500)
-    view = svg.locator("xpath=../..").bounding_box()
-    top = page.get_by_role("button", name="Materialize all").bounding_box()
-    top = top["y"] + top["height"] + 8 if top else view["y"]
-    groups = page.locator("foreignObject.group")
-    rects = [groups.nth(i).bounding_box() for i in range(groups.count())]
-    if rects and all(rects):
-        x0, x1 = min(r["x"] for r in rects), max(r["x"] + r["width"] for r in rects)
-        y0, y1 = min(r["y"] for r in rects), max(r["y"] + r["height"] for r in rects)
-        dx = (view["x"] + view["width"] / 2) - (x0 + x1) / 2
-        dy = (top + view["y"] + view["height"]) / 2 - (y0 + y1) / 2
-        sx, sy = view["x"] + 40, view["y"] + view["height"] - 40
-        page.mouse.move(sx, sy)
-        page.mouse.down()
-        page.mouse.move(sx + dx, sy + dy, steps=10)
-        page.mouse.up()
-        page.wait_for_timeout(500)
-
-
 def take(base: str, out: Path) -> list[Path]:
     from playwright.sync_api import sync_playwright
 
@@ -128,7 +90,7 @@ def take(base: str, out: Path) -> list[Path]:
             page.goto(f"{base}/asset-groups")
             _wait_text(page, "Global asset lineage")
             _wait_text(page, "selection")
-            _show_whole_graph(page)
+            show_whole_graph(page, len(ASSETS))
             n = page.get_by_text("Asset checks").count()
             if n < len(ASSETS):
                 raise SystemExit(f"the graph shows {n} 'Asset checks' rows, expected {len(ASSETS)}")

@@ -123,3 +123,44 @@ class DagsterDev:
         except subprocess.TimeoutExpired:
             pass
         self._log.close()
+
+
+def show_whole_graph(page, n_assets: int) -> None:
+    """Expand the groups, hide the asset tree, zoom in until the nodes show their details and
+    centre the graph in the view, the way a person would with the mouse."""
+    # groups start collapsed: background menu -> "Expand all groups" (what a user would click)
+    svg = page.locator("[class*='svgContainer']").first
+    svg.wait_for(state="visible")
+    view = svg.locator("xpath=../..").bounding_box()  # the graph's viewport (toolbar on top)
+    page.mouse.click(view["x"] + 40, view["y"] + view["height"] - 40, button="right")
+    expand = page.get_by_role("menuitem", name="Expand all groups")
+    if expand.count():
+        expand.click()
+    else:
+        page.keyboard.press("Escape")
+    # hide the asset tree beside the graph, then zoom in until nodes show their details
+    page.locator("button:has([aria-label='panel_show_right'])").first.click()
+    zoom_in = page.locator("button:has([aria-label='zoom_in'])").first
+    for _ in range(12):
+        if page.get_by_text("Asset checks").count() >= n_assets:
+            break
+        zoom_in.click()
+        page.wait_for_timeout(300)
+    # centre the graph: drag the background by the offset between the groups' box and the view
+    page.wait_for_timeout(500)
+    view = svg.locator("xpath=../..").bounding_box()  # wider now that the tree is hidden
+    top = page.get_by_role("button", name="Materialize all").bounding_box()
+    top = top["y"] + top["height"] + 8 if top else view["y"]
+    groups = page.locator("foreignObject.group")
+    rects = [groups.nth(i).bounding_box() for i in range(groups.count())]
+    if rects and all(rects):
+        x0, x1 = min(r["x"] for r in rects), max(r["x"] + r["width"] for r in rects)
+        y0, y1 = min(r["y"] for r in rects), max(r["y"] + r["height"] for r in rects)
+        dx = (view["x"] + view["width"] / 2) - (x0 + x1) / 2
+        dy = (top + view["y"] + view["height"]) / 2 - (y0 + y1) / 2
+        sx, sy = view["x"] + 40, view["y"] + view["height"] - 40
+        page.mouse.move(sx, sy)
+        page.mouse.down()
+        page.mouse.move(sx + dx, sy + dy, steps=10)
+        page.mouse.up()
+        page.wait_for_timeout(500)
