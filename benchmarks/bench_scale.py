@@ -148,7 +148,7 @@ def generate(data_dir: Path, rows: int, teachers: int, out: Path, fmt: str, bad_
 MARKS = "\u2060\u2061\u2062\u2063\u2064"
 
 
-def _cycle_marks(cycles: "pl.Series") -> "pl.Series":
+def _cycle_marks(cycles):
     import polars as pl
 
     def mark(c: int) -> str:
@@ -544,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print_table(res["table"])
         c = res["counts"]
-        print(f"\ntables: " + ", ".join(f"{k}={v:,}" for k, v in c.items()))
+        print("\ntables: " + ", ".join(f"{k}={v:,}" for k, v in c.items()))
         e = res["engine"]
         if e:
             print(f"student: {e.get('windows_scored', 0):,} windows sent to the model, {e.get('windows_cached', 0):,} from the "
