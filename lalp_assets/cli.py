@@ -208,15 +208,14 @@ def cmd_run(args) -> int:
     # them in partition order. The runs share this process, so the student loads once.
     blocks = _contiguous_blocks(keys, set(wanted))
     log = _log_config(args.verbose)
-    jobs = ["score_teachers_job"] if settings.shards <= 1 else ["score_teachers_job"]
+    # score_teachers_job: the whole per-teacher chain, or with shards ingest + steps only
     for lo, hi in blocks:
-        for job in jobs:
-            r = defs.resolve_job_def(job).execute_in_process(
-                instance=instance, run_config=log, raise_on_error=False,
-                tags={"dagster/asset_partition_range_start": lo, "dagster/asset_partition_range_end": hi, **owner_tags()},
-            )
-            if not _report(r, job):
-                return 1
+        r = defs.resolve_job_def("score_teachers_job").execute_in_process(
+            instance=instance, run_config=log, raise_on_error=False,
+            tags={"dagster/asset_partition_range_start": lo, "dagster/asset_partition_range_end": hi, **owner_tags()},
+        )
+        if not _report(r, "score_teachers_job"):
+            return 1
     if settings.shards > 1:
         for t in wanted:
             for shard in range(settings.shards):
