@@ -7,6 +7,7 @@ cluster the warehouse is DuckLake and any number of scoring runs commit concurre
 """
 
 
+import contextlib
 import time
 
 import dagster as dg
@@ -18,8 +19,8 @@ from lalp_assets.versions import RESPONSES, ensure_version, score_version
 from lalp_resources import expectations as gx_suites
 from lalp_resources.markdown import markdown_table
 from lalp_resources.pipeline import aggregate_responses, score_chunks, score_items, with_shard
-from lalp_resources.resources import PipelineSettingsResource, StudentModelResource, WarehouseCache, WarehouseResource
-from lalp_resources.warehouse import insert, query, run_transaction
+from lalp_resources.resources import PipelineSettingsResource, StudentModelResource, WarehouseResource
+from lalp_resources.warehouse import insert, lookup_scores, query, run_transaction
 
 K8S_GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
 
@@ -43,6 +44,54 @@ def progress_logger(log, every_s: float = 10.0):
     return report
 
 
+class WarehouseSession:
+    """One warehouse connection for the scoring loop's many short uses (the engine's cache lookup
+    and the commit of each chunk). Opening a DuckDB file, checking its schema and closing it
+    (which checkpoints) cost more than a chunk's commit, and that cost grows with the file, so
+    while chunks come quickly the connection is kept. It is handed back after a use that followed
+    a long idle gap (a slow model: nothing to save) and at least every `hold_s` seconds, so other
+    processes get the file (a DuckDB file has one writer). Also the engine's score cache: one
+    process cannot hold a read-only and a writable connection to the same file."""
+
+    def __init__(self, wh, hold_s: float = 5.0, idle_s: float = 1.0):
+        self.wh, self.hold_s, self.idle_s = wh, hold_s, idle_s
+        self.pending: dict[str, tuple[float, int]] = {}  # scored, not yet committed: the cache sees them
+        self._cm = self._con = None
+        self._opened = 0.0
+        self._last_end: float | None = None
+
+    @contextlib.contextmanager
+    def use(self):
+        start = time.monotonic()
+        idle = start - self._last_end if self._last_end is not None else float("inf")
+        if self._con is None:
+            self._cm = self.wh.connect()
+            self._con = self._cm.__enter__()
+            self._opened = start
+        try:
+            yield self._con
+        except BaseException:
+            self.close()
+            raise
+        self._last_end = end = time.monotonic()
+        if idle > self.idle_s or end - self._opened > self.hold_s:
+            self.close()
+
+    def close(self) -> None:
+        cm, self._cm, self._con = self._cm, None, None
+        if cm is not None:
+            cm.__exit__(None, None, None)
+
+    def lookup(self, keys: list[str]) -> dict[str, tuple[float, int]]:
+        if not keys:
+            return {}
+        with self.use() as con:
+            found = lookup_scores(con, keys)
+        if self.pending:
+            found.update((k, self.pending[k]) for k in keys if k in self.pending)
+        return found
+
+
 def _in_scope(df: pl.DataFrame, scope: Scope, shards: int) -> pl.DataFrame:
     if scope.shards is None or df.height == 0:
         return df
@@ -51,6 +100,52 @@ def _in_scope(df: pl.DataFrame, scope: Scope, shards: int) -> pl.DataFrame:
     for t, ss in scope.shards.items():
         keep = keep | ((pl.col("teacher") == t) & pl.col("shard").is_in(sorted(ss)))
     return df.filter(keep).drop("shard")
+
+
+# Engine chunks are committed together at most this often: a commit's cost grows with the tables
+# (key checks against them), so on the fast path (cache hits, a GPU) one per chunk would make the
+# total grow faster than the rows. A slow chunk still commits on its own; a killed run loses at
+# most this much work besides the chunk in flight.
+COMMIT_EVERY_S = 2.0
+
+
+def _score_and_commit(context, engine, items, session: WarehouseSession, meta, teacher_of, cfg: dict, run_id: str) -> None:
+    """Score, committing engine chunks (cache rows first) in one transaction per COMMIT_EVERY_S."""
+    pending: dict[str, list[pl.DataFrame]] = {"score_cache": [], "step_scores": [], "galp_scores": []}
+    last = time.monotonic()
+
+    def flush() -> None:
+        frames = {t: pl.concat(fs) for t, fs in pending.items() if fs}
+        if not frames:
+            return
+
+        def commit(con):
+            # one transaction, cache first: scores never land without the cache rows that produced them
+            if "score_cache" in frames:
+                insert(con, "score_cache", frames["score_cache"], mode="ignore")
+            if "step_scores" in frames:
+                insert(con, "step_scores", frames["step_scores"], mode="replace")
+            if "galp_scores" in frames:
+                insert(con, "galp_scores", frames["galp_scores"], mode="replace")
+
+        with session.use() as con:
+            run_transaction(con, lambda: commit(con))
+        for fs in pending.values():
+            fs.clear()
+        session.pending.clear()
+
+    for frames in score_chunks(engine, items, progress=progress_logger(context.log)):
+        pending["step_scores"].append(frames["step_scores"].join(meta, on=["response_id", "step_index"]).with_columns(
+            *[pl.lit(v).alias(k) for k, v in cfg.items()], pl.lit(run_id).alias("score_run_id")))
+        pending["galp_scores"].append(
+            frames["galp_scores"].join(teacher_of, on="response_id").with_columns(pl.lit(run_id).alias("score_run_id")))
+        cache_rows = frames["score_cache"].with_columns(pl.lit(run_id).alias("created_run_id"))
+        pending["score_cache"].append(cache_rows)
+        session.pending.update((k, (s, n)) for k, s, n in cache_rows.select("key", "sum_logprob", "n_tokens").iter_rows())
+        if time.monotonic() - last >= COMMIT_EVERY_S:
+            flush()
+            last = time.monotonic()
+    flush()
 
 
 def build_step_scores(student, settings, partitions_def, backfill, k8s_gpu: bool) -> dg.AssetsDefinition:
@@ -71,8 +166,8 @@ def build_step_scores(student, settings, partitions_def, backfill, k8s_gpu: bool
         description=(
             "Per step: the student's mean log-probability of the step's tokens given the prompt and the "
             "window's preceding steps (LALP_WINDOW, default fixed:4). Exact packed engine with a score "
-            "cache: only windows never scored before reach the model. Results commit in chunks, so a "
-            "killed run resumes from the cache. Partitioned by teacher (× shard with LALP_SHARDS > 1)."
+            "cache: only windows never scored before reach the model. Results commit in chunks (at most "
+            "every few seconds), so a killed run resumes from the cache. Partitioned by teacher (× shard with LALP_SHARDS > 1)."
         ),
     )
     def step_scores(context: dg.AssetExecutionContext, warehouse: WarehouseResource, student: StudentModelResource,
@@ -100,7 +195,8 @@ def build_step_scores(student, settings, partitions_def, backfill, k8s_gpu: bool
         run_id = context.run.run_id
         items = score_items(steps, traces)
         st = student.load()
-        engine = student.engine(settings.template, settings.window, cache=WarehouseCache(wh))
+        session = WarehouseSession(wh)
+        engine = student.engine(settings.template, settings.window, cache=session)
         meta = steps.select("response_id", "step_index", "prompt_id", "teacher", "segmenter", "segmenter_version",
                             "source_uri", "source_sha256", "ingest_run_id")
         teacher_of = traces.select("response_id", "teacher")
@@ -114,24 +210,12 @@ def build_step_scores(student, settings, partitions_def, backfill, k8s_gpu: bool
             con.execute("DELETE FROM step_scores WHERE response_id IN (SELECT unnest(?))", [ids])
             con.execute("DELETE FROM galp_scores WHERE response_id IN (SELECT unnest(?))", [ids])
 
-        with wh.connect() as con:
-            run_transaction(con, lambda: clear(con))
-        written = 0
-        for frames in score_chunks(engine, items, progress=progress_logger(context.log)):
-            step_rows = frames["step_scores"].join(meta, on=["response_id", "step_index"]).with_columns(
-                *[pl.lit(v).alias(k) for k, v in cfg.items()], pl.lit(run_id).alias("score_run_id"))
-            galp_rows = frames["galp_scores"].join(teacher_of, on="response_id").with_columns(pl.lit(run_id).alias("score_run_id"))
-            cache_rows = frames["score_cache"].with_columns(pl.lit(run_id).alias("created_run_id"))
-
-            def commit(con, cache_rows=cache_rows, step_rows=step_rows, galp_rows=galp_rows):
-                # one transaction, cache first: scores never land without the cache rows that produced them
-                insert(con, "score_cache", cache_rows, mode="ignore")
-                insert(con, "step_scores", step_rows, mode="replace")
-                insert(con, "galp_scores", galp_rows, mode="replace")
-
-            with wh.connect() as con:
-                run_transaction(con, lambda: commit(con))
-            written += step_rows.height
+        try:
+            with session.use() as con:
+                run_transaction(con, lambda: clear(con))
+            _score_and_commit(context, engine, items, session, meta, teacher_of, cfg, run_id)
+        finally:
+            session.close()
         secs = time.perf_counter() - t0
         stats = engine.stats
         context.log.info(f"windows: {stats.windows_total} total, {stats.windows_scored} sent to the model, "
