@@ -520,7 +520,10 @@ lim = adapters.Limits(max_prompt_chars=100_000, max_response_chars=200_000, max_
                       max_prompt_id_chars=256)
 before = current_kib()
 res = adapters.ingest([sys.argv[1]], teacher_mode="model", limits=lim)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# VmHWM belongs to this process's own address space; ru_maxrss would carry the parent's peak
+# across fork+exec (a test process that imported torch would look like a 400 MB ingest)
+with open("/proc/self/status") as f:
+    peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 print(json.dumps({"growth_kib": peak - before, "summary": res.summary(),
                   "quarantine": res.quarantine.drop("source_uri", "source_sha256").to_dicts(),
                   "quarantine_bytes": res.quarantine.estimated_size(), "accepted": res.traces["prompt_id"].to_list()}))
@@ -540,8 +543,7 @@ def test_50mb_prompt_is_quarantined_before_it_costs_memory(tmp_path):
     size = path.stat().st_size
     out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path)], capture_output=True, text=True,
                          cwd=REPO, timeout=300,
-                         # few malloc arenas: thread scheduling on a busy machine must not decide the RSS
-                         env={**os.environ, "PYTHONPATH": str(REPO), "MALLOC_ARENA_MAX": "2"})
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr[-2000:]
     probe = json.loads(out.stdout.strip().splitlines()[-1])
     assert probe["summary"] == {"read": 2, "accepted": 1, "quarantined": 1, "by_reason": {"prompt_too_long": 1}}
