@@ -227,10 +227,13 @@ def build_step_scores(student, settings, partitions_def, backfill, k8s_gpu: bool
                 "but such scores are less reliable; consider a smaller window (LALP_WINDOW) or a longer-context student"
             )
         with wh.connect(read_only=True) as con:
-            mine = query(con, "SELECT * FROM step_scores WHERE response_id IN (SELECT unnest(?))", [traces["response_id"].to_list()])
+            # what the check reads, for every row; every column for a few rows (schema and preview)
+            scored = "FROM step_scores WHERE response_id IN (SELECT unnest(?))"
+            mine = query(con, f"SELECT response_id, step_index, mean_logprob, n_tokens {scored}", [traces["response_id"].to_list()])
+            head = query(con, f"SELECT * {scored} ORDER BY response_id, step_index LIMIT 5", [traces["response_id"].to_list()])
         yield dg.MaterializeResult(
             metadata=table_metadata(
-                mine.drop("source_uri", "source_sha256"), "step_scores",
+                head.drop("source_uri", "source_sha256"), "step_scores", row_count=mine.height,
                 windows_total=stats.windows_total, windows_scored=stats.windows_scored, windows_cached=stats.windows_cached,
                 windows_over_context=stats.windows_over_context,
                 tokens_forwarded=stats.tokens_forwarded, seconds=round(secs, 2),
