@@ -102,15 +102,28 @@ def _in_scope(df: pl.DataFrame, scope: Scope, shards: int) -> pl.DataFrame:
     return df.filter(keep).drop("shard")
 
 
-# Engine chunks are committed together at most this often: a commit's cost grows with the tables
-# (key checks against them), so on the fast path (cache hits, a GPU) one per chunk would make the
-# total grow faster than the rows. A slow chunk still commits on its own; a killed run loses at
-# most this much work besides the chunk in flight.
-COMMIT_EVERY_S = 2.0
+class RowsByResponse:
+    """A frame's rows by `response_id`, fetched for one chunk's responses in time proportional to
+    the chunk: joining each chunk against the whole scope's frame made scoring quadratic in rows."""
+
+    def __init__(self, df: pl.DataFrame):
+        self.df = df.sort("response_id", maintain_order=True)
+        firsts = self.df.with_row_index("_i").group_by("response_id", maintain_order=True).agg(
+            pl.col("_i").first(), pl.len())
+        self.at = {r: (i, n) for r, i, n in firsts.iter_rows()}
+
+    def rows(self, ids) -> pl.DataFrame:
+        at = self.at
+        return self.df[[k for r in ids if r in at for k in range(at[r][0], at[r][0] + at[r][1])]]
 
 
-def _score_and_commit(context, engine, items, session: WarehouseSession, meta, teacher_of, cfg: dict, run_id: str) -> None:
-    """Score, committing engine chunks (cache rows first) in one transaction per COMMIT_EVERY_S."""
+def _score_and_commit(context, engine, items, session: WarehouseSession, meta, teacher_of, cfg: dict, run_id: str,
+                      commit_every_s: float) -> None:
+    """Score, committing engine chunks (cache rows first) in one transaction at most every
+    `commit_every_s` (LALP_COMMIT_EVERY_S). A commit's cost grows with the tables (key checks
+    against them), so on the fast path (cache hits, a GPU) one per chunk would make the total grow
+    faster than the rows. A slow chunk still commits on its own; a killed run loses at most
+    `commit_every_s` of work besides the chunk in flight."""
     pending: dict[str, list[pl.DataFrame]] = {"score_cache": [], "step_scores": [], "galp_scores": []}
     last = time.monotonic()
 
@@ -134,15 +147,18 @@ def _score_and_commit(context, engine, items, session: WarehouseSession, meta, t
             fs.clear()
         session.pending.clear()
 
+    meta, teacher_of = RowsByResponse(meta), RowsByResponse(teacher_of)
     for frames in score_chunks(engine, items, progress=progress_logger(context.log)):
-        pending["step_scores"].append(frames["step_scores"].join(meta, on=["response_id", "step_index"]).with_columns(
-            *[pl.lit(v).alias(k) for k, v in cfg.items()], pl.lit(run_id).alias("score_run_id")))
+        steps, galp = frames["step_scores"], frames["galp_scores"]
+        pending["step_scores"].append(
+            steps.join(meta.rows(steps["response_id"].unique(maintain_order=True)), on=["response_id", "step_index"])
+            .with_columns(*[pl.lit(v).alias(k) for k, v in cfg.items()], pl.lit(run_id).alias("score_run_id")))
         pending["galp_scores"].append(
-            frames["galp_scores"].join(teacher_of, on="response_id").with_columns(pl.lit(run_id).alias("score_run_id")))
+            galp.join(teacher_of.rows(galp["response_id"]), on="response_id").with_columns(pl.lit(run_id).alias("score_run_id")))
         cache_rows = frames["score_cache"].with_columns(pl.lit(run_id).alias("created_run_id"))
         pending["score_cache"].append(cache_rows)
         session.pending.update((k, (s, n)) for k, s, n in cache_rows.select("key", "sum_logprob", "n_tokens").iter_rows())
-        if time.monotonic() - last >= COMMIT_EVERY_S:
+        if time.monotonic() - last >= commit_every_s:
             flush()
             last = time.monotonic()
     flush()
@@ -195,7 +211,8 @@ def build_step_scores(student, settings, partitions_def, backfill, k8s_gpu: bool
         run_id = context.run.run_id
         items = score_items(steps, traces)
         st = student.load()
-        session = WarehouseSession(wh)
+        # the file is handed back at least every 2.5 commit intervals (5 s by default; 0: after every use)
+        session = WarehouseSession(wh, hold_s=2.5 * settings.commit_every_s)
         engine = student.engine(settings.template, settings.window, cache=session)
         meta = steps.select("response_id", "step_index", "prompt_id", "teacher", "segmenter", "segmenter_version",
                             "source_uri", "source_sha256", "ingest_run_id")
@@ -213,7 +230,7 @@ def build_step_scores(student, settings, partitions_def, backfill, k8s_gpu: bool
         try:
             with session.use() as con:
                 run_transaction(con, lambda: clear(con))
-            _score_and_commit(context, engine, items, session, meta, teacher_of, cfg, run_id)
+            _score_and_commit(context, engine, items, session, meta, teacher_of, cfg, run_id, settings.commit_every_s)
         finally:
             session.close()
         secs = time.perf_counter() - t0

@@ -98,6 +98,7 @@ class PipelineSettingsResource(dg.ConfigurableResource):
     bootstrap: int
     exports: str
     shards: int
+    commit_every_s: float
 
 
 class TraceSourcesResource(dg.ConfigurableResource):

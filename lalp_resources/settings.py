@@ -106,6 +106,10 @@ class Settings:
     bootstrap: int = field(default=1000, metadata=_meta(
         "LALP_BOOTSTRAP", "bootstrap resamples for the ranking's 95% intervals"))
     # -- scale and automation
+    commit_every_s: float = field(default=2.0, metadata=_meta(
+        "LALP_COMMIT_EVERY_S", "`step_scores` commits its scored chunks at most this often (seconds): a kill "
+        "loses at most this much work besides the chunk in flight, and a DuckDB file is handed to other processes "
+        "at least every 2.5 intervals; `0` commits every chunk and hands the file back after each"))
     shards: int = field(default=1, metadata=_meta(
         "LALP_SHARDS", "scoring partitions per teacher (a stable hash of `prompt_id`); one run per GPU"))
     backfill: str = field(default="single", metadata=_meta(
@@ -125,6 +129,8 @@ class Settings:
             raise ValueError(f"LALP_BACKFILL={self.backfill!r}: expected 'single' or 'multi'")
         if self.shards < 1:
             raise ValueError(f"LALP_SHARDS={self.shards}: expected 1 or more")
+        if not self.commit_every_s >= 0:
+            raise ValueError(f"LALP_COMMIT_EVERY_S={self.commit_every_s}: expected 0 or more seconds")
 
     # ------------------------------------------------------------------ construction
 

@@ -33,6 +33,8 @@ def lalp_env(root: Path, traces: Path, student: Path) -> dict:
         DAGSTER_HOME=str(home), LALP_WAREHOUSE=str(root / "lalp.duckdb"), LALP_SOURCES=str(traces),
         LALP_INBOX=str(root / "inbox"), LALP_EXPORTS=str(root / "exports"), LALP_MODEL=str(student),
         LALP_DEVICE="cpu", LALP_DTYPE="float32", LALP_MAX_PROMPTS="0", LALP_GROUP_TOKENS="256", LALP_BOOTSTRAP="100",
+        # every chunk commits on its own, so a kill lands between commits however fast the machine is
+        LALP_COMMIT_EVERY_S="0",
     )
     return env
 
