@@ -2,7 +2,7 @@
 
     python -m benchmarks.benchmark [--prompts N] [--teachers T1 T2 ...] [--window fixed:4]
         [--template chat] [--dtype float32] [--device auto] [--segmenter paragraph] [--memory]
-        [--write-bundle DIR | --bundle DIR [--random-weights]]
+        [--compile] [--host-rate] [--vs-float32] [--write-bundle DIR | --bundle DIR [--random-weights]]
 
 (`make bench BENCH_ARGS="..."` runs the same.)
 
@@ -11,7 +11,8 @@ among the prompts that every selected teacher answered, so the engine can reuse 
 prefix across teachers) is segmented, merged with `merge_unscored_steps`, and scored twice in
 the same process with the same model: by `reference_score` (one plain forward per window, plus
 GALP), then by `ScoringEngine.score_all`. The model is warmed up first on a tiny item so neither
-pays first-call costs. Both throughputs count the same tokens: the scored response tokens (sum
+pays first-call costs (with `--compile`, the engine's one-off `torch.compile` is run on 4 items
+first and printed, not timed). Both throughputs count the same tokens: the scored response tokens (sum
 over steps of n_tokens, plus the GALP tokens) divided by wall seconds. Step means are compared
 step by step.
 
@@ -703,6 +704,11 @@ def run_benchmark(model, tokenizer, items, *, window: str = DEFAULT_WINDOW, temp
         rates.append(dict(matmul_rates(model, batch_rows_, head_rows(vocab)), threads=torch.get_num_threads()))
         log(f"matmul rate: {rates[0]['body'] / 1e9:.1f} GFLOP/s (layer shapes), {rates[0]['head'] / 1e9:.1f} (head); "
             f"engine ... (load average {_loadavg()})")
+    if (engine_kw or {}).get("compile"):
+        # the one-off compile runs on a few items first and is reported, not timed with the engine
+        t0 = time.perf_counter()
+        run_engine(model, tokenizer, items[:4], window, template, **engine_kw)
+        log(f"compile (torch.compile of the decoder layers, on 4 items): {time.perf_counter() - t0:.1f}s")
     eng = run_engine(model, tokenizer, items, window, template, **(engine_kw or {}))
     log(f"engine: {eng.seconds:.1f}s, {eng.tokens_per_s:.1f} tok/s (load average {_loadavg()})")
     if measure_hardware:
@@ -1061,6 +1067,9 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--vs-float32", action="store_true",
                    help="with --dtype bfloat16/float16: also run the engine in float32 and report step-score and "
                    "ranking agreement (Spearman/Kendall of steps, responses and teacher means; per-prompt picks)")
+    p.add_argument("--compile", action="store_true",
+                   help="the engine with compile=True (LALP_COMPILE=1): decoder layers under torch.compile; the "
+                   "one-off compile is run first on 4 items and reported separately")
     p.add_argument("--host-rate", action="store_true",
                    help="also report the engine's host-side rate (planning, packing, keys, assembly) with a tiny model")
     p.add_argument("--memory", action="store_true", help="also measure peak memory on long synthetic traces")
@@ -1114,7 +1123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     final = None
     if not args.memory_only:
         items = make_items(rows, student.tokenizer, args.segmenter)
-        engine_kw = {k: v for k, v in (("row_tokens", args.row_tokens), ("batch_tokens", args.batch_tokens)) if v}
+        engine_kw = {k: v for k, v in (("row_tokens", args.row_tokens), ("batch_tokens", args.batch_tokens),
+                                       ("compile", args.compile)) if v}
         res = run_benchmark(student.model, student.tokenizer, items, window=args.window, template=args.template,
                             dtype=student.dtype, peak_flops=args.peak_flops, engine_kw=engine_kw)
         print()

@@ -40,7 +40,7 @@ def build_resources(s: Settings) -> dict:
         ),
         "student": StudentModelResource(
             model=s.model, device=s.device, dtype=s.dtype, cache_dir=s.cache_dir,
-            row_tokens=s.row_tokens, batch_tokens=s.batch_tokens, group_tokens=s.group_tokens,
+            row_tokens=s.row_tokens, batch_tokens=s.batch_tokens, group_tokens=s.group_tokens, compile=s.compile,
         ),
         "segmentation": SegmentationResource(
             method=s.segmenter, llm_url=s.llm_url, llm_model=s.llm_model, llm_timeout_s=s.llm_timeout_s,

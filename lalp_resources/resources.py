@@ -67,6 +67,7 @@ class StudentModelResource(dg.ConfigurableResource):
     row_tokens: int      # 0: the engine's default for the device
     batch_tokens: int
     group_tokens: int    # prompts per committed chunk, by estimated tokens (0: default)
+    compile: bool        # torch.compile the decoder layers (see ScoringEngine)
 
     def load(self):
         return _load_student_cached(self.model, self.device, self.dtype, self.cache_dir)
@@ -82,7 +83,7 @@ class StudentModelResource(dg.ConfigurableResource):
             st.model, st.tokenizer, template=template, window=window,
             namespace=f"{st.fingerprint}|{template}|{st.dtype}", cache=cache,
             row_tokens=self.row_tokens or None, batch_tokens=self.batch_tokens or None,
-            group_tokens=self.group_tokens or None,
+            group_tokens=self.group_tokens or None, compile=self.compile,
         )
 
 

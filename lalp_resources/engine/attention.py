@@ -119,6 +119,7 @@ def build_buckets(tiles: np.ndarray, k_offset: int, max_elements: int, n_rows: i
     return out
 
 
+@torch.compiler.disable  # a compiled decoder layer calls it eagerly (`exact.compile_layers`)
 def sparse_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """The `AttentionInterface` function: query [1, H, N, hd], key/value [1, Hkv, N, hd]."""
     plan: SparsePlan | None = kwargs.get("lalp_plan")

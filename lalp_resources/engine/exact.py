@@ -65,12 +65,32 @@ def pin_threads() -> int:
     return n
 
 
+def compile_layers(model) -> bool:
+    """`torch.compile` each decoder layer (dynamic shapes), once per model: it fuses the
+    memory-bound elementwise work around the matmuls (RMSNorm, rotary, SiLU, residuals). The
+    sparse attention call is left out of the graph (`attention.sparse_attention` is
+    `torch.compiler.disable`d: its bucket loop varies per batch). A layer that cannot compile runs
+    eagerly (dynamo's `suppress_errors`). Returns False where the model has no layer list."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        return False
+    if not getattr(model, "_lalp_compiled", False):
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True
+        for layer in layers:
+            layer.forward = torch.compile(layer.forward, dynamic=True)
+        model._lalp_compiled = True
+    return True
+
+
 class ScoringEngine:
     """Exact, batched LALP/GALP scoring for one student model.
 
     `namespace` should identify the student (fingerprint), template and dtype: it prefixes every
     cache key, so a different student or dtype never reuses a score. `attention` picks the path:
-    `auto` (sparse where supported, else dense), `sparse` or `dense`.
+    `auto` (sparse where supported, else dense), `sparse` or `dense`. `compile=True` compiles the
+    student's decoder layers on the sparse path (`compile_layers`; a one-off cost per process).
     """
 
     def __new__(cls, *args, approx: bool = False, **kwargs):
@@ -97,6 +117,7 @@ class ScoringEngine:
         attention: str = "auto",
         query_chunk: int | None = None,
         approx: bool = False,
+        compile: bool = False,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -134,6 +155,9 @@ class ScoringEngine:
         self.stats = EngineStats(attention=self.attention)
         if self.device.type == "cpu":
             pin_threads()
+        self.compiled = compile and self.attention == "sparse" and compile_layers(model)
+        if compile and not self.compiled:
+            log.info("compile: not applied (the %s attention path runs the model as transformers does)", self.attention)
         self._on_batch = None
         self._t0 = time.perf_counter()
 
