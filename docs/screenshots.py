@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -29,16 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 # tests/dagster_dev.py: start `dagster dev`, wait for the code location, end the process tree
 sys.path.insert(0, str(REPO / "tests"))
-from dagster_dev import DagsterDev, show_whole_graph
+from dagster_dev import ASSETS, CHROMIUM_ARGS, DagsterDev, chromium_path, show_whole_graph
 
-CHROMIUM = os.environ.get("LALP_SCREENSHOT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-# as in tests/test_browser.py: without the background-networking flags Chromium can stall offline
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage",
-]
-ASSETS = ["raw_teacher_traces", "reasoning_steps", "step_scores", "response_scores", "teacher_rankings", "curated_sft_dataset"]
+CHROMIUM = chromium_path("LALP_SCREENSHOT_CHROMIUM")
 
 
 # Scroll a metadata row to the top of its scrolling pane (as far as the pane scrolls), then scroll

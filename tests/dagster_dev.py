@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,21 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+# The graph's assets in order (the browser test and docs/screenshots.py count and visit them).
+ASSETS = ["raw_teacher_traces", "reasoning_steps", "step_scores", "response_scores", "teacher_rankings", "curated_sft_dataset"]
+# Without the background-networking flags Chromium's own connections are refused on a closed
+# network and it can stall; none of them change what the page renders.
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+
+
+def chromium_path(env_var: str) -> str:
+    """The Chromium binary: `env_var` if set, else `chromium` on PATH, else Debian's path."""
+    return os.environ.get(env_var) or shutil.which("chromium") or "/usr/bin/chromium"
 
 WORKSPACE_QUERY = """
 query {

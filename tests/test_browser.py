@@ -32,23 +32,15 @@ import time
 from pathlib import Path
 
 import pytest
-from dagster_dev import DagsterDev, show_whole_graph
+from dagster_dev import ASSETS, CHROMIUM_ARGS, DagsterDev, chromium_path, show_whole_graph
 from helpers import temp_dagster_home
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM = os.environ.get("LALP_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-# Without the background-networking flags Chromium's own connections are refused on a closed
-# network and it can stall; none of them change what the page renders.
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage",
-]
+CHROMIUM = chromium_path("LALP_TEST_CHROMIUM")
 
-ASSETS = ["raw_teacher_traces", "reasoning_steps", "step_scores", "response_scores", "teacher_rankings", "curated_sft_dataset"]
 CHECKS = {
     "raw_teacher_traces": ["traces_valid", "counts_reconcile"],
     "reasoning_steps": ["steps_tile_responses"],
