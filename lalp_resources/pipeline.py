@@ -24,7 +24,6 @@ from lalp_resources.method.aggregation import (  # noqa: F401
     rank_teachers,
     select_responses,
     spans_by_response,
-    steps_frame,
     steps_from_spans,
 )
 from lalp_resources.method.tokenization import merge_unscored_steps, tokenize_many

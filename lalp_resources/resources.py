@@ -14,7 +14,7 @@ import dagster as dg
 from pydantic import PrivateAttr
 
 from lalp_resources import adapters
-from lalp_resources.warehouse import Warehouse, cached_scores
+from lalp_resources.warehouse import Warehouse
 
 INBOX_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -28,16 +28,6 @@ class WarehouseResource(dg.ConfigurableResource):
 
     def get(self) -> Warehouse:
         return Warehouse(self.path, self.lock_timeout_s, data_path=self.lake_data_path or None)
-
-
-class WarehouseCache:
-    """The engine's score cache, stored in the warehouse's `score_cache` table."""
-
-    def __init__(self, warehouse: Warehouse):
-        self.warehouse = warehouse
-
-    def lookup(self, keys: list[str]) -> dict[str, tuple[float, int]]:
-        return cached_scores(self.warehouse, keys)
 
 
 @functools.lru_cache(maxsize=2)

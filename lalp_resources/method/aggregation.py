@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Callable
 
 import numpy as np
 import polars as pl
-
-STEP_COLUMNS = ["response_id", "prompt_id", "teacher", "step_index", "char_start", "char_end", "text"]
-
 
 def sample_prompts(prompt_ids: list[str], max_prompts: int | None) -> set[str]:
     """A deterministic subset of prompts, stable as teachers and prompts are added: the
@@ -29,13 +25,6 @@ STEPS_SCHEMA = {
     "response_id": pl.Utf8, "prompt_id": pl.Utf8, "teacher": pl.Utf8, "step_index": pl.Int32,
     "char_start": pl.Int32, "char_end": pl.Int32, "text": pl.Utf8, "segment_note": pl.Utf8,
 }
-
-
-def steps_frame(traces: pl.DataFrame, segment: Callable[[str], tuple[list[tuple[int, int]], str | None]]) -> pl.DataFrame:
-    """One row per step. `segment(text)` returns (spans, note); the note says e.g. why an LLM
-    segmenter fell back to rules."""
-    cut = [segment(text) for text in traces["response"].to_list()]
-    return steps_from_spans(traces, [c[0] for c in cut], [c[1] for c in cut])
 
 
 def steps_from_spans(traces: pl.DataFrame, spans: list[list[tuple[int, int]]], notes: list[str | None]) -> pl.DataFrame:
