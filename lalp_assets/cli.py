@@ -89,7 +89,12 @@ def cmd_score(args) -> int:
         keep = sample_prompts(traces["prompt_id"].to_list(), settings.max_prompts)
         traces = traces.filter(pl.col("prompt_id").is_in(list(keep)))
     student = load_student(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
-    traces, too_long = pipeline.token_caps(traces, student.tokenizer, settings.max_prompt_tokens, settings.max_response_tokens)
+    screened = pipeline.screen_traces(traces, student.tokenizer, settings.template, settings.control_tokens,
+                                      settings.max_prompt_tokens, settings.max_response_tokens)
+    traces, too_long = screened.kept, screened.rejected
+    if screened.control_token_rows and settings.control_tokens == "keep":
+        print(f"note: {screened.control_token_rows} response(s) hold control-token strings; kept and scored as plain text "
+              "(LALP_CONTROL_TOKENS=keep)", file=sys.stderr)
     quarantine = pl.concat([res.quarantine, too_long], how="diagonal_relaxed") if too_long.height else res.quarantine
     for row in too_long.iter_rows(named=True):
         print(f"  skipped: {row['detail']} (prompt_id={row['prompt_id']!r}, teacher={row['teacher']!r})", file=sys.stderr)
@@ -339,7 +344,7 @@ def _settings(args) -> Settings:
                         ("device", "device"), ("dtype", "dtype"), ("format", "source_format"),
                         ("teacher_mode", "teacher_mode"), ("max_response_chars", "max_response_chars"),
                         ("max_prompt_chars", "max_prompt_chars"), ("llm_url", "llm_url"), ("llm_model", "llm_model"),
-                        ("warehouse", "warehouse"), ("max_prompts", "max_prompts")):
+                        ("warehouse", "warehouse"), ("max_prompts", "max_prompts"), ("control_tokens", "control_tokens")):
         v = getattr(args, flag, None)
         if v is not None:
             over[field] = v
@@ -354,6 +359,8 @@ def _settings(args) -> Settings:
 
 
 FORMATS = ["auto", "canonical", "messages", "zeroeval", "champ"]
+CONTROL_HELP = ("rows holding the student's control-token strings (<|im_end|>, ...): quarantine (default) or keep "
+                "them as plain text (LALP_CONTROL_TOKENS)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--all", action="store_true", help="score every prompt (default: LALP_MAX_PROMPTS, 5)")
     g.add_argument("--max-prompts", type=int, help="score this many prompts (0 = all)")
     r.add_argument("--source", action="append", help="trace source (file, folder, or 'champ'); repeatable")
+    r.add_argument("--control-tokens", choices=["quarantine", "keep"], help=CONTROL_HELP)
     r.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("score", help="score canonical JSONL/Parquet traces to steps.parquet and responses.parquet")
@@ -386,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-prompt-chars", type=int, help="(LALP_MAX_PROMPT_CHARS)")
     s.add_argument("--llm-url", help="(LALP_LLM_URL)")
     s.add_argument("--llm-model", help="(LALP_LLM_MODEL)")
+    s.add_argument("--control-tokens", choices=["quarantine", "keep"], help=CONTROL_HELP)
     s.set_defaults(fn=cmd_score)
 
     i = sub.add_parser("ingest", help="read traces (any adapter) into canonical Parquet plus a quarantine")

@@ -3,6 +3,7 @@ every decision recorded with its reason, exported for SFT."""
 
 
 import json
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -14,7 +15,8 @@ from lalp_resources import expectations as gx_suites
 from lalp_resources.markdown import markdown_table
 from lalp_resources.method.aggregation import select_responses, sft_messages
 from lalp_resources.report import md_image, mix_plot, write_report
-from lalp_resources.resources import PipelineSettingsResource, WarehouseResource
+from lalp_resources.method.tokenization import control_strings
+from lalp_resources.resources import PipelineSettingsResource, StudentModelResource, WarehouseResource
 from lalp_assets.rankings import PLOT_SAMPLE
 from lalp_resources.warehouse import insert, query, run_transaction
 
@@ -54,6 +56,17 @@ def _save_hf_dataset(curated: pl.DataFrame, target: Path) -> None:
     tmp.replace(target)
 
 
+def control_token_counts(curated: pl.DataFrame, cand: pl.DataFrame, quarantined: int, mode: str,
+                         strings: list[str]) -> dict:
+    """What the report says about control-token strings: rows quarantined at the steps stage,
+    candidates blocked here, and curated rows that carry them as text (only under `keep`)."""
+    blocked = int(cand["blocked"].is_not_null().sum()) if cand.height else 0
+    carried = 0
+    if mode == "keep" and curated.height and strings:
+        carried = int((curated["prompt"].str.contains_any(strings) | curated["response"].str.contains_any(strings)).sum())
+    return {"mode": mode, "quarantined": int(quarantined), "blocked_at_curation": blocked, "curated_rows_with_them": carried}
+
+
 def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
     @dg.asset(
         name="curated_sft_dataset",
@@ -70,17 +83,27 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
         "ones (verified correct where a reference answer exists). Every candidate's decision and reason is "
         "in `selection_decisions`. Exported as chat JSONL and Parquet.",
     )
-    def curated_sft_dataset(context: dg.AssetExecutionContext, warehouse: WarehouseResource, settings: PipelineSettingsResource):
+    def curated_sft_dataset(context: dg.AssetExecutionContext, warehouse: WarehouseResource, settings: PipelineSettingsResource,
+                            student: StudentModelResource):
         ensure_version(context, curated_version(settings))
         wh = warehouse.get()
+        # A response whose text holds a control-token string never enters the SFT set unless the
+        # user chose LALP_CONTROL_TOKENS=keep: the steps stage quarantines them, and a score left by
+        # an earlier release (or an edited table) is blocked here, with its reason recorded.
+        strings = [] if settings.control_tokens == "keep" else list(control_strings(student.tokenizer(), settings.template))
+        pattern = "|".join(re.escape(c) for c in strings) or "a^"
         with wh.connect(read_only=True) as con:
             # every candidate's scores and verdict, but the texts of the chosen ones only (below)
             cand = query(
                 con,
                 "SELECT s.response_id, s.prompt_id, s.teacher, s.lalp, s.galp, s.score_run_id, r.is_correct, "
-                "r.reference_answer, r.verify_reason, r.source_uri, r.source_sha256, r.ingest_run_id "
-                "FROM response_scores s JOIN raw_teacher_traces r USING (response_id)",
+                "r.reference_answer, r.verify_reason, r.source_uri, r.source_sha256, r.ingest_run_id, "
+                "CASE WHEN regexp_matches(r.prompt, ?) OR regexp_matches(r.response, ?) THEN "
+                "'holds a control-token string (LALP_CONTROL_TOKENS=quarantine)' END AS blocked "
+                "FROM response_scores s JOIN raw_teacher_traces r USING (response_id)", [pattern, pattern],
             )
+            control_quarantined = con.execute(
+                "SELECT count(*) FROM quarantine WHERE stage = 'steps' AND reason LIKE 'control_token_in_%'").fetchone()[0]
             raw_ids = query(con, "SELECT response_id FROM raw_teacher_traces")["response_id"]
             decisions, chosen = select_responses(cand, require_correct=settings.require_correct)
             texts = query(con, "SELECT response_id, prompt, response FROM raw_teacher_traces "
@@ -103,9 +126,11 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
             cfg = query(con, "SELECT DISTINCT student, segmenter_version, window_spec, template, dtype FROM response_scores")
         # pictures, report and exports first: a failure there leaves the tables as they were
         mix_picture = md_image(mix_plot(mix), "teacher mix")
+        control = control_token_counts(curated, cand, control_quarantined, settings.control_tokens,
+                                       strings or list(control_strings(student.tokenizer(), settings.template)))
         report = write_report(
             Path(settings.exports) / "report", rk, steps, mix, decisions,
-            cfg.row(0, named=True) if cfg.height == 1 else {"configs": cfg.height},
+            cfg.row(0, named=True) if cfg.height == 1 else {"configs": cfg.height}, control=control,
         )
         paths = export_curated(curated, Path(settings.exports))
         def replace(con):
@@ -122,6 +147,7 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
                 curated.drop("prompt", "response", "messages"), "curated_sft_dataset",
                 teacher_mix=dg.MetadataValue.md(markdown_table(mix)),
                 prompts_considered=n_prompts, prompts_without_eligible=n_prompts - curated.height,
+                **{f"control_tokens_{k}": v for k, v in control.items()},
                 teacher_mix_plot=dg.MetadataValue.md(mix_picture),
                 jsonl=dg.MetadataValue.path(paths["jsonl"]), parquet=dg.MetadataValue.path(paths["parquet"]),
                 hf_dataset=dg.MetadataValue.path(paths["hf_dataset"]), report=dg.MetadataValue.path(str(report)),

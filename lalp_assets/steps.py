@@ -9,7 +9,7 @@ from lalp_assets.partitions import scope_of
 from lalp_assets.versions import ensure_version, steps_version
 from lalp_resources import expectations as gx_suites
 from lalp_resources.method.aggregation import sample_prompts
-from lalp_resources.pipeline import segment_traces, token_caps, utcnow
+from lalp_resources.pipeline import screen_traces, segment_traces, utcnow
 from lalp_resources.resources import PipelineSettingsResource, SegmentationResource, StudentModelResource, WarehouseResource
 from lalp_resources.warehouse import insert, query, run_transaction
 
@@ -33,7 +33,8 @@ def build(segmentation, student, settings, partitions_def, backfill) -> dg.Asset
             "Reasoning steps: contiguous character spans that tile each response exactly (a separator "
             "belongs to the step it ends). Segmenter: paragraph, line, sentence (math-aware) or llm. "
             "Only the sampled prompts (LALP_MAX_PROMPTS; 0 = all) are segmented; responses over the token "
-            "caps are recorded in `quarantine` (stage `steps`) and not scored."
+            "caps, and (by default, LALP_CONTROL_TOKENS) prompts or responses holding the student's control-token "
+            "strings, are recorded in `quarantine` (stage `steps`) and not scored."
         ),
     )
     def reasoning_steps(
@@ -61,9 +62,15 @@ def build(segmentation, student, settings, partitions_def, backfill) -> dg.Asset
         keep = sample_prompts(all_prompts, settings.max_prompts)
         sampled = traces.filter(pl.col("prompt_id").is_in(list(keep)))
         tokenizer = student.tokenizer()
-        sampled, too_long = token_caps(sampled, tokenizer, settings.max_prompt_tokens, settings.max_response_tokens)
-        if too_long.height:
-            context.log.warning(f"{too_long.height} response(s) over the token caps are not scored (see `quarantine`, stage 'steps')")
+        screened = screen_traces(sampled, tokenizer, settings.template, settings.control_tokens,
+                                 settings.max_prompt_tokens, settings.max_response_tokens)
+        sampled, too_long = screened.kept, screened.rejected
+        if screened.control_token_rows:
+            verb = "kept and scored as plain text" if settings.control_tokens == "keep" else "not scored"
+            context.log.warning(f"{screened.control_token_rows} response(s) hold the student's control-token strings: {verb} "
+                                "(LALP_CONTROL_TOKENS; see `quarantine`, stage 'steps')")
+        if screened.over_token_caps:
+            context.log.warning(f"{screened.over_token_caps} response(s) over the token caps are not scored (see `quarantine`, stage 'steps')")
         context.log.info(
             f"segmenting {sampled.height} of {traces.height} responses ({len(keep)} of {len(all_prompts)} prompts; "
             f"max_prompts={settings.max_prompts}) with '{segmentation.method}'"
@@ -94,7 +101,9 @@ def build(segmentation, student, settings, partitions_def, backfill) -> dg.Asset
             metadata=table_metadata(
                 steps.drop("source_uri", "source_sha256"), "reasoning_steps",
                 responses=sampled.height, responses_not_sampled=traces.height - sampled.height - too_long.height,
-                responses_over_token_caps=too_long.height,
+                responses_over_token_caps=screened.over_token_caps,
+                responses_with_control_tokens=screened.control_token_rows,
+                control_tokens=settings.control_tokens,
                 prompts_sampled=len(keep), segmenter=version, llm_fallbacks=fallbacks,
                 mean_steps_per_response=float(per_resp["len"].mean() or 0.0),
             )

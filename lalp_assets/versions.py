@@ -13,8 +13,8 @@ import dagster as dg
 from lalp_resources.resources import PipelineSettingsResource, SegmentationResource, StudentModelResource, TraceSourcesResource
 
 INGEST = "ingest@2"
-STEPS = "steps@2"
-SCORE = "score@1"
+STEPS = "steps@3"  # @3: control-token screen; trace text tokenized as text
+SCORE = "score@2"  # @2: control-token strings in trace text are plain characters
 RESPONSES = "response_scores@2"
 RANKINGS = "rankings@2"
 CURATED = "curated@2"
@@ -27,7 +27,7 @@ def ingest_version(src: TraceSourcesResource) -> str:
 
 def steps_version(seg: SegmentationResource, student: StudentModelResource, s: PipelineSettingsResource) -> str:
     return (f"{STEPS}|{seg.method}|{seg.llm_model if seg.method == 'llm' else ''}|{student.model}|max_prompts={s.max_prompts}"
-            f"|tokens={s.max_prompt_tokens},{s.max_response_tokens}")
+            f"|tokens={s.max_prompt_tokens},{s.max_response_tokens}|control_tokens={s.control_tokens}|{s.template}")
 
 
 def score_version(student: StudentModelResource, s: PipelineSettingsResource) -> str:
@@ -39,7 +39,7 @@ def rankings_version(s: PipelineSettingsResource) -> str:
 
 
 def curated_version(s: PipelineSettingsResource) -> str:
-    return f"{CURATED}|require_correct={s.require_correct}"
+    return f"{CURATED}|require_correct={s.require_correct}|control_tokens={s.control_tokens}"
 
 
 def ensure_version(context: dg.AssetExecutionContext, actual: str) -> None:

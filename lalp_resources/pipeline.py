@@ -26,7 +26,7 @@ from lalp_resources.method.aggregation import (  # noqa: F401
     spans_by_response,
     steps_from_spans,
 )
-from lalp_resources.method.tokenization import merge_unscored_steps, tokenize_many
+from lalp_resources.method.tokenization import control_strings, merge_unscored_steps, text_ids, tokenize_many
 
 Segmenter = Callable[[str], tuple[list[tuple[int, int]], "str | None"]]
 
@@ -78,7 +78,7 @@ def token_counts(tokenizer, texts: Sequence[str]) -> list[int]:
     """Student tokens per text (no special tokens), tokenized in bounded batches."""
     out: list[int] = []
     for lo, hi in text_blocks(texts):
-        ids = tokenizer(list(texts[lo:hi]), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        ids = text_ids(tokenizer, list(texts[lo:hi]))
         out.extend(len(x) for x in ids)
     return out
 
@@ -102,6 +102,56 @@ def token_caps(traces: pl.DataFrame, tokenizer, max_prompt_tokens: int, max_resp
         for p, r, op in zip(n_p.filter(bad).to_list(), n_r.filter(bad).to_list(), over_p.filter(bad).to_list())
     ]
     return traces.filter(~bad), _token_rejects(traces.filter(bad), reasons)
+
+
+CONTROL_TOKEN_MODES = ("quarantine", "keep")
+
+
+def control_token_split(traces: pl.DataFrame, tokenizer, template: str, mode: str) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+    """Find prompts and responses that hold one of the student's control-token strings
+    (`control_strings`: its special tokens and the chat template's markup tokens). An SFT
+    trainer's chat template would read such a string as a real turn boundary, and a default
+    tokenizer call as a control token the student finds highly probable, so by default
+    (`quarantine`) these rows are not scored; `keep` scores them as the literal characters they
+    are. Returns (kept, rejected as quarantine rows, rows holding control-token strings)."""
+    if mode not in CONTROL_TOKEN_MODES:
+        raise ValueError(f"LALP_CONTROL_TOKENS={mode!r}: expected one of {CONTROL_TOKEN_MODES}")
+    strings = list(control_strings(tokenizer, template))
+    if traces.height == 0 or not strings:
+        return traces, _token_rejects(traces.head(0), []), 0
+    in_p = traces["prompt"].str.contains_any(strings)
+    in_r = traces["response"].str.contains_any(strings)
+    flagged = in_p | in_r
+    n = int(flagged.sum())
+    if mode == "keep" or n == 0:
+        return traces, _token_rejects(traces.head(0), []), n
+    rows = traces.filter(flagged)
+    reasons = []
+    for prompt, response in rows.select("prompt", "response").iter_rows():
+        where, text = ("prompt", prompt) if any(c in prompt for c in strings) else ("response", response)
+        found = [c for c in strings if c in text]
+        reasons.append((f"control_token_in_{where}",
+                        f"{where} holds the student's control-token string(s) {', '.join(found[:5])}"
+                        f"{' ...' if len(found) > 5 else ''}; set LALP_CONTROL_TOKENS=keep to score it as plain text"))
+    return traces.filter(~flagged), _token_rejects(rows, reasons), n
+
+
+@dataclass(frozen=True)
+class Screened:
+    kept: pl.DataFrame          # the traces that go on to segmentation and scoring
+    rejected: pl.DataFrame      # quarantine rows (stage `steps`), each with its reason
+    control_token_rows: int     # rows holding control-token strings (quarantined, or kept as text)
+    over_token_caps: int
+
+
+def screen_traces(traces: pl.DataFrame, tokenizer, template: str, control_tokens: str,
+                  max_prompt_tokens: int, max_response_tokens: int) -> Screened:
+    """The steps stage's gate, the same for the assets and `lalp score`: control-token strings
+    first (a cheap substring scan), then the token caps (a tokenization)."""
+    kept, control, n_control = control_token_split(traces, tokenizer, template, control_tokens)
+    kept, too_long = token_caps(kept, tokenizer, max_prompt_tokens, max_response_tokens)
+    rejected = pl.concat([control, too_long]) if control.height else too_long
+    return Screened(kept, rejected, n_control, too_long.height)
 
 
 def _token_rejects(rows: pl.DataFrame, reasons: list[tuple[str, str]]) -> pl.DataFrame:

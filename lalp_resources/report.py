@@ -107,7 +107,7 @@ def mix_plot(mix: pl.DataFrame) -> bytes:
 
 
 def write_report(out_dir: Path, rk: pl.DataFrame, steps: pl.DataFrame, mix: pl.DataFrame, decisions: pl.DataFrame,
-                 settings: dict) -> Path:
+                 settings: dict, control: dict | None = None) -> Path:
     """A Markdown report with PNGs beside it, readable without Dagster."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pics = {"ranking.png": ranking_plot(rk), "step_scores.png": step_distribution_plot(steps), "teacher_mix.png": mix_plot(mix)}
@@ -158,6 +158,19 @@ def write_report(out_dir: Path, rk: pl.DataFrame, steps: pl.DataFrame, mix: pl.D
         markdown_table(reasons),
         "",
     ]
+    if control is not None:
+        lines += [
+            "## Control-token strings in the traces",
+            "",
+            f"Mode `LALP_CONTROL_TOKENS={control['mode']}`. Rows whose prompt or response holds one of the student's "
+            "control-token strings (such as `<|im_end|>`), which an SFT trainer's chat template would read as real "
+            "turn boundaries:",
+            "",
+            f"- quarantined at the steps stage (not scored): {control['quarantined']}",
+            f"- scored earlier but blocked from selection here: {control['blocked_at_curation']}",
+            f"- curated rows that carry them as plain text (only with `keep`): {control['curated_rows_with_them']}",
+            "",
+        ]
     path = out_dir / "teacher_selection_report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

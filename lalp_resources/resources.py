@@ -85,6 +85,7 @@ class PipelineSettingsResource(dg.ConfigurableResource):
     max_prompts: int
     max_prompt_tokens: int
     max_response_tokens: int
+    control_tokens: str
     require_correct: bool
     bootstrap: int
     exports: str

@@ -69,6 +69,9 @@ class Settings:
         "LALP_MAX_PROMPT_TOKENS", "prompts with more student tokens are not scored (recorded in `quarantine`)"))
     max_response_tokens: int = field(default=65_536, metadata=_meta(
         "LALP_MAX_RESPONSE_TOKENS", "responses with more student tokens are not scored (recorded in `quarantine`)"))
+    control_tokens: str = field(default="quarantine", metadata=_meta(
+        "LALP_CONTROL_TOKENS", "prompts or responses holding the student's control-token strings (`<|im_end|>`, ...): "
+        "`quarantine` (not scored, a quarantine row names the token) or `keep` (scored, and exported, as plain text)"))
     inbox_settle_s: float = field(default=0.0, metadata=_meta(
         "LALP_INBOX_SETTLE_S", "a file must also be this many seconds old (beyond two equal sensor ticks) to be read"))
     # -- scoring
@@ -130,6 +133,8 @@ class Settings:
                 object.__setattr__(self, name, str(default))
         if self.backfill not in ("single", "multi"):
             raise ValueError(f"LALP_BACKFILL={self.backfill!r}: expected 'single' or 'multi'")
+        if self.control_tokens not in ("quarantine", "keep"):
+            raise ValueError(f"LALP_CONTROL_TOKENS={self.control_tokens!r}: expected 'quarantine' or 'keep'")
         if self.shards < 1:
             raise ValueError(f"LALP_SHARDS={self.shards}: expected 1 or more")
         if not self.commit_every_s >= 0:

@@ -210,15 +210,15 @@ def test_definitions_snapshot(defs):
         }
     assert snap == {
         "curated_sft_dataset": {"partitions": None, "pools": [], "checks": ["one_row_per_prompt_traceable"],
-                                "code_version": "curated@2|require_correct=True"},
+                                "code_version": "curated@2|require_correct=True|control_tokens=quarantine"},
         "raw_teacher_traces": {"partitions": "teacher", "pools": [], "checks": ["counts_reconcile", "traces_valid"],
                                "code_version": "ingest@2|model|auto|chars=100000,200000,256,256"},
         "reasoning_steps": {"partitions": "teacher", "pools": [], "checks": ["steps_tile_responses"],
-                            "code_version": "steps@2|paragraph||smollm2|max_prompts=5|tokens=8192,65536"},
+                            "code_version": "steps@3|paragraph||smollm2|max_prompts=5|tokens=8192,65536|control_tokens=quarantine|chat"},
         "response_scores": {"partitions": "teacher", "pools": [], "checks": ["every_response_scored"],
                             "code_version": "response_scores@2"},
         "step_scores": {"partitions": "teacher", "pools": ["gpu"], "checks": ["step_scores_valid"],
-                        "code_version": "score@1|smollm2|auto|fixed:4|chat"},
+                        "code_version": "score@2|smollm2|auto|fixed:4|chat"},
         "teacher_rankings": {"partitions": None, "pools": [], "checks": ["every_teacher_ranked"],
                              "code_version": "rankings@2|bootstrap=1000"},
     }

@@ -29,7 +29,8 @@ from lalp_resources.adapters import expand_sources, finish, ingest, parse_json_o
 LIM = limits(max_prompt_chars=80, max_response_chars=120, max_teacher_chars=12, max_prompt_id_chars=12)
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-SEPARATORS = ["\x1f", "\x00", "\n", "\r\n", "\u2028", "\ufeff", '"', "\\", ",", "|", "\t", "\x1e", "}", "]"]
+SEPARATORS = ["\x1f", "\x00", "\n", "\r\n", "\u2028", "\ufeff", '"', "\\", ",", "|", "\t", "\x1e", "}", "]",
+              "<|im_end|>", "<|im_start|>", "<|endoftext|>"]  # control-token strings: read as text, like any other
 surrogates = st.integers(0xD800, 0xDFFF).map(chr)
 adversarial_text = st.lists(
     st.one_of(st.text(max_size=8), st.sampled_from(SEPARATORS), surrogates), max_size=10).map("".join)

@@ -15,7 +15,9 @@ from helpers import save_tiny_student
 from lalp_assets import cli
 
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=0, max_size=60)
-HOSTILE = st.sampled_from(["", " ", "\n\n", "\u001f", "p0\u001fevil", "$\\frac{$", "|", "a" * 300, "\x00", "💥", "\\boxed{1}"])
+HOSTILE = st.sampled_from(["", " ", "\n\n", "\u001f", "p0\u001fevil", "$\\frac{$", "|", "a" * 300, "\x00", "💥", "\\boxed{1}",
+                           # control-token strings of the student (quarantined at the steps stage) and one that is not
+                           "<|im_end|>", "ok<|im_start|>user\nhi", "<|endoftext|>", "<think>x</think>"])
 FIELD = st.one_of(TEXT, HOSTILE, st.integers(), st.none(), st.lists(st.integers(), max_size=2))
 RESPONSE = st.one_of(
     st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=4).map(lambda ps: "\n\n".join(ps)), FIELD)
@@ -53,11 +55,18 @@ def test_lalp_score_never_raises_and_reconciles(lines, student, tmp_path_factory
         max_prompt_chars=s.max_prompt_chars, max_response_chars=s.max_response_chars,
         max_teacher_chars=s.max_teacher_chars, max_prompt_id_chars=s.max_prompt_id_chars), teacher_mode=s.teacher_mode)
     assert res.summary()["read"] == res.traces.height + res.quarantine.height
-    if res.traces.height == 0:
+    control = ["<|im_end|>", "<|im_start|>", "<|endoftext|>"]
+    holds = res.traces["prompt"].str.contains_any(control) | res.traces["response"].str.contains_any(control)
+    if res.traces.height == 0 or holds.all():
         assert rc == 2  # "no valid rows to score", said clearly
         return
     assert rc == 0
     resp = pl.read_parquet(out / "responses.parquet")
+    # a row holding a control-token string is never scored; its quarantine row names the token
+    assert not set(resp["response_id"]) & set(res.traces.filter(holds)["response_id"])
+    if holds.any():
+        q = pl.read_parquet(out / "quarantine.parquet")
+        assert q["reason"].str.starts_with("control_token_in_").sum() == holds.sum()
     quarantined = pl.read_parquet(out / "quarantine.parquet").height if (out / "quarantine.parquet").exists() else 0
     assert resp["response_id"].n_unique() == resp.height
     # every accepted row is scored exactly once, or quarantined at the token caps

@@ -134,20 +134,23 @@ def rank_teachers(responses: pl.DataFrame, n_boot: int = 1000, seed: int = 0) ->
 def select_responses(candidates: pl.DataFrame, require_correct: bool = True) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Per prompt, the argmax of LALP among eligible responses.
 
-    Eligible: scored (LALP not null) and, when `require_correct` and the prompt has a reference
-    answer, verified correct. Ties on LALP go to the higher GALP, then teacher name, then
+    Eligible: scored (LALP not null), not blocked (an optional `blocked` column: a non-null reason,
+    such as a control-token string in the text, makes a candidate ineligible) and, when
+    `require_correct` and the prompt has a reference answer, verified correct. Ties on LALP go to the higher GALP, then teacher name, then
     response_id, so the choice is deterministic. Returns (decisions, chosen): one decision row
     per candidate with its reason, and one chosen row per prompt that has an eligible response.
     Vectorised in Polars (window expressions per prompt): cost linear in the candidates.
     """
     need = ["prompt_id", "response_id", "teacher", "lalp", "galp", "is_correct", "reference_answer", "verify_reason"]
-    df = candidates.select(need).with_columns(pl.col("lalp").fill_nan(None)).sort("prompt_id", maintain_order=True)
+    blocked = candidates["blocked"] if "blocked" in candidates.columns else pl.Series("blocked", [None] * candidates.height, pl.Utf8)
+    df = candidates.select(need).with_columns(pl.col("lalp").fill_nan(None), blocked.cast(pl.Utf8).alias("_blocked")).sort(
+        "prompt_id", maintain_order=True)
     has_ref = pl.col("reference_answer").is_not_null().any().over("prompt_id")
     strict = pl.lit(bool(require_correct)) & pl.col("_has_ref")
     df = df.with_columns(has_ref.alias("_has_ref")).with_columns(
         pl.col("lalp").is_not_null().alias("_scored"),
         (strict & pl.col("is_correct").ne(True).fill_null(True)).alias("_wrong"),
-    ).with_columns((pl.col("_scored") & ~pl.col("_wrong")).alias("eligible"))
+    ).with_columns((pl.col("_scored") & ~pl.col("_wrong") & pl.col("_blocked").is_null()).alias("eligible"))
     # rank the eligible: LALP desc, then GALP desc (missing last), teacher, response_id
     ranked = (
         df.filter("eligible")
@@ -186,6 +189,7 @@ def select_responses(candidates: pl.DataFrame, require_correct: bool = True) -> 
         df.join(ranked, on=["prompt_id", "response_id"], how="left", maintain_order="left")
         .with_columns(
             pl.when(~pl.col("_scored")).then(pl.lit("not scored (no steps or no LALP)"))
+            .when(pl.col("_blocked").is_not_null()).then(pl.col("_blocked"))
             .when(pl.col("_wrong"))
             .then(pl.format("not verified correct ({})",
                             pl.when(pl.col("verify_reason").fill_null("") == "").then(pl.lit("unknown"))

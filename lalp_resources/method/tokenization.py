@@ -4,10 +4,15 @@
   or `prompt + "\\n\\n"` (`plain`); no special tokens beyond what the template renders.
 - window text (context steps + step) is tokenized as one string with offsets.
 - a token belongs to the step holding its first character.
+- text is text: trace text (prompt, response, steps, windows) is tokenized with
+  `split_special_tokens=True`, so a literal `<|im_end|>` written by a teacher is plain
+  characters, never the student's control token. Only the chat template's own markup is
+  tokenized as control tokens (`prefix_ids`).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from typing import Sequence
 
@@ -28,8 +33,83 @@ def prefix_text(tokenizer, prompt: str, template: str) -> str:
     raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
 
 
-def prefix_ids(tokenizer, prompt: str, template: str) -> list[int]:
-    return list(tokenizer(prefix_text(tokenizer, prompt, template), add_special_tokens=False)["input_ids"])
+# every call on a tokenizer passes the same flag: transformers keeps it as state on the Rust
+# tokenizer and flips it per call, so mixing values on one object from two threads would race
+TEXT = {"add_special_tokens": False, "split_special_tokens": True}
+
+
+def text_ids(tokenizer, texts):
+    """Token ids of trace text, control-token strings as plain characters."""
+    return tokenizer(texts, return_attention_mask=False, **TEXT)["input_ids"]
+
+
+def _markup_tokenizer(tokenizer):
+    """A copy of `tokenizer` that reads special-token strings as control tokens: for the chat
+    template's own markup only. Kept on the tokenizer, so the flag of either copy never flips."""
+    markup = getattr(tokenizer, "_lalp_markup", None)
+    if markup is None:
+        markup = copy.deepcopy(tokenizer)
+        tokenizer._lalp_markup = markup
+    return markup
+
+
+def _markup_ids(tokenizer, text: str) -> list[int]:
+    if not text:
+        return []
+    enc = _markup_tokenizer(tokenizer)(text, add_special_tokens=False, split_special_tokens=False,
+                                       return_attention_mask=False)
+    return list(enc["input_ids"])
+
+
+SENTINEL = "\ue000LALP-PROMPT\ue001"  # private-use characters: no template or prompt holds them
+
+
+def prefix_ids(tokenizer, prompt: str, template: str, control: Sequence[str] | None = None) -> list[int]:
+    """tokens(prefix). The template's markup is control tokens; the prompt is text. A prompt with
+    no control-token string is tokenized inside the rendered template as one string, exactly as
+    the template's own tokenization would (so clean prompts keep their ids and cache keys); one
+    holding such a string is tokenized on its own as text, between the markup's tokens."""
+    if template == "plain":
+        return list(text_ids(tokenizer, prompt + "\n\n"))
+    rendered = prefix_text(tokenizer, prompt, template)
+    strings = control_strings(tokenizer, template) if control is None else control
+    if not any(c in prompt for c in strings):
+        return _markup_ids(tokenizer, rendered)
+    pre, sep, post = prefix_text(tokenizer, SENTINEL, template).partition(SENTINEL)
+    if not sep or pre + prompt + post != rendered:
+        raise ValueError("the chat template changes the prompt's text (it trims or escapes the content), so a prompt "
+                         "with control-token strings cannot be kept as text; use LALP_CONTROL_TOKENS=quarantine")
+    return _markup_ids(tokenizer, pre) + list(text_ids(tokenizer, prompt)) + _markup_ids(tokenizer, post)
+
+
+def control_strings(tokenizer, template: str = "chat") -> tuple[str, ...]:
+    """The strings that a tokenizer called with default arguments turns into control tokens, and
+    that a chat template would read as turn markup: every special token (`all_special_tokens` and
+    the added tokens flagged special), plus any added token the chat template itself renders as
+    markup (a role marker such as `<|user|>` that is added but not flagged special). Added tokens
+    that are neither, such as `<think>` for a student trained with it, are plain vocabulary."""
+    cached = getattr(tokenizer, "_lalp_control", None)
+    if cached is not None and cached[0] == template:
+        return cached[1]
+    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    found.update(t.content for t in added.values() if getattr(t, "special", False))
+    if template == "chat" and getattr(tokenizer, "chat_template", None):
+        markup = "".join(prefix_text(tokenizer, SENTINEL, "chat").split(SENTINEL))
+        try:  # the assistant turn's own markup, where the template renders one
+            markup += tokenizer.apply_chat_template(
+                [{"role": "user", "content": SENTINEL}, {"role": "assistant", "content": SENTINEL}], tokenize=False)
+        except Exception:  # noqa: BLE001 - a template that refuses a two-turn chat has no more markup to show
+            pass
+        found.update(t.content for t in added.values() if t.content in markup)
+    out = tuple(sorted((s for s in found if s), key=lambda s: (-len(s), s)))
+    tokenizer._lalp_control = (template, out)
+    return out
+
+
+def control_strings_in(text: str, strings: Sequence[str]) -> list[str]:
+    """The control-token strings that occur in `text`, in `strings`' order."""
+    return [s for s in strings if s in text]
 
 
 def token_starts(offsets: Sequence[tuple[int, int]]) -> list[int]:
@@ -49,7 +129,7 @@ def token_starts(offsets: Sequence[tuple[int, int]]) -> list[int]:
 
 
 def tokenize_with_starts(tokenizer, text: str) -> tuple[list[int], list[int]]:
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(text, return_offsets_mapping=True, **TEXT)
     return list(enc["input_ids"]), token_starts(enc["offset_mapping"])
 
 
@@ -57,7 +137,7 @@ def tokenize_many(tokenizer, texts: list[str]) -> list[tuple[list[int], list[int
     """Batched `tokenize_with_starts` (the fast tokenizer parallelises a batch)."""
     if not texts:
         return []
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(texts, return_offsets_mapping=True, **TEXT)
     return [(list(ids), token_starts(offs)) for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])]
 
 
