@@ -118,14 +118,13 @@ class RowsByResponse:
 
 
 def _score_and_commit(context, engine, items, session: WarehouseSession, meta, teacher_of, cfg: dict, run_id: str,
-                      commit_every_s: float) -> None:
+                      commit_every_s: float, progress_every_s: float) -> None:
     """Score, committing engine chunks (cache rows first) in one transaction at most every
     `commit_every_s` (LALP_COMMIT_EVERY_S). A commit's cost grows with the tables (key checks
     against them), so on the fast path (cache hits, a GPU) one per chunk would make the total grow
     faster than the rows. A slow chunk still commits on its own; a killed run loses at most
     `commit_every_s` of work besides the chunk in flight."""
     pending: dict[str, list[pl.DataFrame]] = {"score_cache": [], "step_scores": [], "galp_scores": []}
-    last = time.monotonic()
 
     def flush() -> None:
         frames = {t: pl.concat(fs) for t, fs in pending.items() if fs}
@@ -148,7 +147,21 @@ def _score_and_commit(context, engine, items, session: WarehouseSession, meta, t
         session.pending.clear()
 
     meta, teacher_of = RowsByResponse(meta), RowsByResponse(teacher_of)
-    for frames in score_chunks(engine, items, progress=progress_logger(context.log)):
+    try:
+        _score_chunks_into(context, engine, items, session, meta, teacher_of, cfg, run_id, commit_every_s,
+                           progress_logger(context.log, progress_every_s), pending, flush)
+    except (KeyboardInterrupt, dg.DagsterExecutionInterruptedError):
+        # SIGTERM (Dagster's terminate, Kubernetes' pod stop) or SIGINT: commit what is scored,
+        # then let the run fail; a rerun takes these windows from the cache
+        context.log.warning("interrupted: committing the chunks scored so far before the run stops")
+        flush()
+        raise
+    flush()
+
+
+def _score_chunks_into(context, engine, items, session, meta, teacher_of, cfg, run_id, commit_every_s, progress, pending, flush):
+    last = time.monotonic()
+    for frames in score_chunks(engine, items, progress=progress):
         steps, galp = frames["step_scores"], frames["galp_scores"]
         pending["step_scores"].append(
             steps.join(meta.rows(steps["response_id"].unique(maintain_order=True)), on=["response_id", "step_index"])
@@ -161,7 +174,6 @@ def _score_and_commit(context, engine, items, session: WarehouseSession, meta, t
         if time.monotonic() - last >= commit_every_s:
             flush()
             last = time.monotonic()
-    flush()
 
 
 def build_step_scores(student, settings, partitions_def, backfill, k8s_gpu: bool) -> dg.AssetsDefinition:
@@ -230,7 +242,8 @@ def build_step_scores(student, settings, partitions_def, backfill, k8s_gpu: bool
         try:
             with session.use() as con:
                 run_transaction(con, lambda: clear(con))
-            _score_and_commit(context, engine, items, session, meta, teacher_of, cfg, run_id, settings.commit_every_s)
+            _score_and_commit(context, engine, items, session, meta, teacher_of, cfg, run_id, settings.commit_every_s,
+                              settings.progress_every_s)
         finally:
             session.close()
         secs = time.perf_counter() - t0

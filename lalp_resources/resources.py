@@ -91,6 +91,7 @@ class PipelineSettingsResource(dg.ConfigurableResource):
     exports: str
     shards: int
     commit_every_s: float
+    progress_every_s: float
 
 
 class TraceSourcesResource(dg.ConfigurableResource):

@@ -116,6 +116,8 @@ class Settings:
         "LALP_COMMIT_EVERY_S", "`step_scores` commits its scored chunks at most this often (seconds): a kill "
         "loses at most this much work besides the chunk in flight, and a DuckDB file is handed to other processes "
         "at least every 2.5 intervals; `0` commits every chunk and hands the file back after each"))
+    progress_every_s: float = field(default=10.0, metadata=_meta(
+        "LALP_PROGRESS_EVERY_S", "long stages log their progress (done of total, rate, time left) at most this often (seconds)"))
     shards: int = field(default=1, metadata=_meta(
         "LALP_SHARDS", "scoring partitions per teacher (a stable hash of `prompt_id`); one run per GPU"))
     backfill: str = field(default="single", metadata=_meta(
@@ -139,6 +141,8 @@ class Settings:
             raise ValueError(f"LALP_SHARDS={self.shards}: expected 1 or more")
         if not self.commit_every_s >= 0:
             raise ValueError(f"LALP_COMMIT_EVERY_S={self.commit_every_s}: expected 0 or more seconds")
+        if not self.progress_every_s >= 0:
+            raise ValueError(f"LALP_PROGRESS_EVERY_S={self.progress_every_s}: expected 0 or more seconds")
 
     # ------------------------------------------------------------------ construction
 

@@ -5,6 +5,7 @@ instance and a real DuckDB file; the student is a small random model saved as a 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,3 +135,60 @@ def test_two_runs_at_once_do_not_corrupt_the_warehouse(tmp_path, student_dir):
         assert con.execute("SELECT count(*) FROM curated_sft_dataset").fetchone()[0] <= 4
     finally:
         con.close()
+
+
+def test_sigterm_mid_scoring_commits_what_is_done_and_fails_the_run(tmp_path, student_dir, monkeypatch):
+    """SIGTERM (what Dagster's terminate and Kubernetes send first) commits the scored chunks, marks
+    the run failed rather than leaving it STARTED, and a rerun resumes from the cache."""
+    import threading
+
+    import dagster as dg
+
+    traces = write_traces(tmp_path / "traces.jsonl", n_prompts=8)
+    ref_env = lalp_env(tmp_path / "ref", traces, student_dir)
+    out = subprocess.run([sys.executable, "-m", "lalp_assets.cli", "run"], env=ref_env, cwd=REPO,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:]
+    expected = scores(tmp_path / "ref" / "lalp.duckdb")
+
+    env = lalp_env(tmp_path / "term", traces, student_dir)
+    env["LALP_COMMIT_EVERY_S"] = "600"  # nothing commits on the way: only the stop's own commit can save the work
+    env["LALP_PROGRESS_EVERY_S"] = "0"  # a progress line per batch: the signal lands once some prompts are scored
+    db = tmp_path / "term" / "lalp.duckdb"
+    proc = lalp_run(env)
+    lines: list[str] = []
+    progressed = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            m = re.search(r"scored (\d+)/(\d+) windows", line)
+            # past half of the windows: several whole prompt groups are scored (and pending), not all
+            if m and 2 * int(m[1]) >= int(m[2]) > int(m[1]):
+                progressed.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert progressed.wait(600), "scoring never reported progress:\n" + "".join(lines[-50:])
+    assert count(db, "SELECT count(*) FROM step_scores") in (None, 0)  # nothing committed yet
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=300)
+    reader.join(timeout=30)
+    log = "".join(lines)
+    assert rc != 0, log[-3000:]
+    assert "interrupted: committing the chunks scored so far" in log, log[-3000:]
+    partial = count(db, "SELECT count(*) FROM step_scores")
+    assert 0 < partial < len(expected), (partial, len(expected))
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])  # its dagster.yaml reads it
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        statuses = {r.status for r in instance.get_runs()}
+    assert dg.DagsterRunStatus.FAILURE in statuses or dg.DagsterRunStatus.CANCELED in statuses, statuses
+    assert not statuses & {dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING}, statuses
+
+    env["LALP_COMMIT_EVERY_S"] = "0"
+    out = subprocess.run([sys.executable, "-m", "lalp_assets.cli", "run"], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "left STARTED by a dead process" not in out.stderr
+    assert scores(db) == expected
+    assert count(db, "SELECT count(*) FROM step_scores WHERE cache_hit") >= partial
