@@ -17,7 +17,7 @@ from lalp_resources.method.aggregation import select_responses, sft_messages
 from lalp_resources.report import md_image, mix_plot, write_report
 from lalp_resources.method.tokenization import control_strings
 from lalp_resources.resources import PipelineSettingsResource, StudentModelResource, WarehouseResource
-from lalp_assets.rankings import PLOT_SAMPLE
+from lalp_assets.rankings import CONFLICTING_PROMPTS, PLOT_SAMPLE
 from lalp_resources.warehouse import insert, query, run_transaction
 
 EXPORT_FIELDS = ["prompt_id", "teacher", "response_id", "lalp", "galp", "source_uri", "source_sha256"]
@@ -60,7 +60,7 @@ def control_token_counts(curated: pl.DataFrame, cand: pl.DataFrame, quarantined:
                          strings: list[str]) -> dict:
     """What the report says about control-token strings: rows quarantined at the steps stage,
     candidates blocked here, and curated rows that carry them as text (only under `keep`)."""
-    blocked = int(cand["blocked"].is_not_null().sum()) if cand.height else 0
+    blocked = int(cand["blocked"].str.starts_with("holds a control-token").sum()) if cand.height else 0
     carried = 0
     if mode == "keep" and curated.height and strings:
         carried = int((curated["prompt"].str.contains_any(strings) | curated["response"].str.contains_any(strings)).sum())
@@ -99,8 +99,12 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
                 "SELECT s.response_id, s.prompt_id, s.teacher, s.lalp, s.galp, s.score_run_id, r.is_correct, "
                 "r.reference_answer, r.verify_reason, r.source_uri, r.source_sha256, r.ingest_run_id, "
                 "CASE WHEN regexp_matches(r.prompt, ?) OR regexp_matches(r.response, ?) THEN "
-                "'holds a control-token string (LALP_CONTROL_TOKENS=quarantine)' END AS blocked "
-                "FROM response_scores s JOIN raw_teacher_traces r USING (response_id)", [pattern, pattern],
+                "'holds a control-token string (LALP_CONTROL_TOKENS=quarantine)' "
+                "WHEN c.prompt_id IS NOT NULL THEN 'prompt_id holds ' || c.n_texts || ' different prompt texts (teachers: ' "
+                "|| c.teachers || '): answers to different questions are not compared; give each question its own prompt_id' "
+                "END AS blocked "
+                f"FROM response_scores s JOIN raw_teacher_traces r USING (response_id) "
+                f"LEFT JOIN ({CONFLICTING_PROMPTS}) c ON c.prompt_id = s.prompt_id", [pattern, pattern],
             )
             control_quarantined = con.execute(
                 "SELECT count(*) FROM quarantine WHERE stage = 'steps' AND reason LIKE 'control_token_in_%'").fetchone()[0]
@@ -147,6 +151,7 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
                 curated.drop("prompt", "response", "messages"), "curated_sft_dataset",
                 teacher_mix=dg.MetadataValue.md(markdown_table(mix)),
                 prompts_considered=n_prompts, prompts_without_eligible=n_prompts - curated.height,
+                candidates_under_conflicting_prompt_ids=int(cand["blocked"].str.starts_with("prompt_id holds").sum()),
                 **{f"control_tokens_{k}": v for k, v in control.items()},
                 teacher_mix_plot=dg.MetadataValue.md(mix_picture),
                 jsonl=dg.MetadataValue.path(paths["jsonl"]), parquet=dg.MetadataValue.path(paths["parquet"]),

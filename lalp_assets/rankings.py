@@ -17,6 +17,16 @@ from lalp_resources.warehouse import query, replace_all
 # the step-score distribution plot reads a fixed-size sample, whatever the table's size
 PLOT_SAMPLE = "USING SAMPLE reservoir(200000 ROWS) REPEATABLE (7)"
 
+# Prompt ids under which the scored responses answer different prompt texts (ignoring surrounding
+# whitespace): comparing teachers, or choosing a response, there would compare different questions.
+CONFLICTING_PROMPTS = """
+SELECT s.prompt_id, count(DISTINCT md5(trim(r.prompt, ' ' || chr(9) || chr(10) || chr(13)))) AS n_texts,
+       string_agg(DISTINCT s.teacher, ', ' ORDER BY s.teacher) AS teachers
+FROM response_scores s JOIN raw_teacher_traces r USING (response_id)
+GROUP BY s.prompt_id HAVING n_texts > 1
+ORDER BY s.prompt_id
+"""
+
 
 def ranking_markdown(rk: pl.DataFrame) -> str:
     view = rk.select(
@@ -50,7 +60,12 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
         with wh.connect(read_only=True) as con:
             resp = query(con, "SELECT teacher, prompt_id, lalp, galp, is_correct FROM response_scores")
             steps = query(con, f"SELECT teacher, mean_logprob FROM step_scores {PLOT_SAMPLE}")
-        rk = rank_teachers(resp, n_boot=settings.bootstrap).with_columns(pl.lit(context.run.run_id).alias("rank_run_id"))
+            conflicts = query(con, CONFLICTING_PROMPTS)
+        rk = rank_teachers(resp, n_boot=settings.bootstrap, conflicting=conflicts["prompt_id"].to_list()).with_columns(
+            pl.lit(context.run.run_id).alias("rank_run_id"))
+        if conflicts.height:
+            context.log.warning(f"{conflicts.height} prompt id(s) hold different prompt texts across responses; left out "
+                                f"of the comparison: {', '.join(conflicts['prompt_id'].head(20).to_list())}")
         md = ranking_markdown(rk)
         verdict = ranking_verdict(rk)
         context.log.info("teacher ranking:\n" + md + "\n" + verdict)
@@ -64,7 +79,9 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
             replace_all(con, "teacher_rankings", rk)
         yield dg.MaterializeResult(
             metadata=table_metadata(rk, "teacher_rankings", preview_rows=50, ranking=dg.MetadataValue.md(md),
-                                    verdict=dg.MetadataValue.text(verdict), **pictures)
+                                    verdict=dg.MetadataValue.text(verdict), **pictures,
+                                    n_conflicting_prompts=conflicts.height,
+                                    conflicting_prompts=dg.MetadataValue.md(markdown_table(conflicts.head(100))))
         )
         yield check_result("every_teacher_ranked", gx_suites.rankings_suite(sorted(resp["teacher"].unique().to_list()), rk))
 

@@ -47,6 +47,7 @@ and `duckdb-extension-postgres-scanner` wheels (pinned with duckdb); nothing is 
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import logging
 import os
@@ -122,7 +123,7 @@ SCHEMA: dict[str, str] = {
         teacher VARCHAR PRIMARY KEY, lalp_rank INTEGER, galp_rank INTEGER, n_shared_prompts INTEGER,
         n_responses INTEGER, lalp_mean DOUBLE, lalp_ci_low DOUBLE, lalp_ci_high DOUBLE,
         galp_mean DOUBLE, galp_ci_low DOUBLE, galp_ci_high DOUBLE, accuracy DOUBLE,
-        rank_run_id VARCHAR""",
+        rank_run_id VARCHAR, n_conflicting_prompts INTEGER""",
     "selection_decisions": """
         prompt_id VARCHAR, response_id VARCHAR, teacher VARCHAR, lalp DOUBLE, is_correct BOOLEAN,
         eligible BOOLEAN, chosen BOOLEAN, reason VARCHAR, select_run_id VARCHAR,
@@ -134,8 +135,31 @@ SCHEMA: dict[str, str] = {
         score_run_id VARCHAR, select_run_id VARCHAR""",
 }
 
-# Columns added after a table first shipped: an older warehouse (file or lake) gets them on open.
-ADDED_COLUMNS = [("quarantine", "stage", "VARCHAR")]
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One step up the schema: the columns it adds to tables that exist (a table that does not
+    exist yet is created at the current schema). Applied in order, in one transaction."""
+
+    version: int
+    note: str
+    add_columns: tuple[tuple[str, str, str], ...] = ()  # (table, column, type)
+
+
+# Version 1 is the schema of the releases before versions were recorded (a warehouse with tables
+# and no `lalp_schema` table): SCHEMA without the columns the migrations below add. A release that
+# changes SCHEMA adds a migration here and bumps SCHEMA_VERSION; the lineage view is recreated by
+# every migration, so a new view definition needs a migration too.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(2, "quarantine.stage: the stage that quarantined a row", (("quarantine", "stage", "VARCHAR"),)),
+    Migration(3, "teacher_rankings.n_conflicting_prompts: prompt ids left out of the comparison",
+              (("teacher_rankings", "n_conflicting_prompts", "INTEGER"),)),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version
+# the schema's history: one row per version reached (created, found, migrated), newest last
+VERSION_TABLE = "lalp_schema"
+VERSION_COLUMNS = "version INTEGER, note VARCHAR, applied_at TIMESTAMP"
 
 # Tables whose rows never change once written (the key determines the row): upserts skip
 # keys already present.
@@ -190,8 +214,10 @@ def _parse_schema(cols: str) -> tuple[tuple[str, ...], str]:
 
 KEYS: dict[str, tuple[str, ...]] = {}        # table -> its declared key columns (empty: no key)
 LAKE_SCHEMA: dict[str, str] = {}             # SCHEMA without PRIMARY KEY clauses (for DuckLake)
+COLUMNS: dict[str, tuple[str, ...]] = {}     # table -> its column names, in order
 for _name, _cols in SCHEMA.items():
     KEYS[_name], LAKE_SCHEMA[_name] = _parse_schema(_cols)
+    COLUMNS[_name] = tuple(c.split()[0] for c in _split_top_level(LAKE_SCHEMA[_name]))
 
 
 # ----------------------------------------------------------------------------- errors
@@ -207,6 +233,24 @@ class WarehouseConflict(WarehouseBusy):
 
 class WarehouseMissing(FileNotFoundError):
     """A read-only open of a warehouse that does not exist (nothing is created)."""
+
+
+class WarehouseSchemaError(RuntimeError):
+    """A warehouse this release cannot migrate (written by a newer release, or lacking columns no
+    migration adds). Raised before anything is written: the warehouse is left as it was."""
+
+
+class WarehouseDamaged(RuntimeError):
+    """A DuckDB file that cannot be read (truncated, corrupted, not a DuckDB file). Never overwritten."""
+
+
+class WarehouseFull(OSError):
+    """The warehouse's disk is full: the write in progress was rolled back."""
+
+
+DAMAGE_HINTS = ("not a valid duckdb database file", "corrupt database file", "could not read enough bytes",
+                "does not match stored checksum")
+FULL_HINTS = ("no space left on device", "disk quota exceeded")
 
 
 def is_conflict(e: BaseException) -> bool:
@@ -336,13 +380,44 @@ class Warehouse:
                 f"at least once)" + (" -- a DuckLake catalog file" if self.is_lake else ""))
         if not read_only and t.path is not None:
             t.path.parent.mkdir(parents=True, exist_ok=True)
-        con = self._open_waiting(read_only)
+        try:
+            con = self._open_waiting(read_only)
+        except (duckdb.Error, OSError) as e:
+            raise self.explain(e) from e
         try:
             if not read_only:
-                ensure_schema(con)
+                ensure_schema(con, self.describe())
             yield con
+        except (duckdb.Error, OSError) as e:
+            err = self.explain(e)
+            if err is e:
+                raise
+            raise err from e
         finally:
-            con.close()
+            try:
+                con.close()
+            except (duckdb.Error, OSError) as e:  # a checkpoint on close can meet a full disk
+                raise self.explain(e) from e
+
+    def explain(self, e: BaseException) -> BaseException:
+        """A clear error for a damaged file or a full disk (what happened, what was kept, what to
+        do); any other error as it is."""
+        low = str(e).lower()
+        where = self.target.path.parent if self.target.path is not None else (self.target.data_path or self.describe())
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or any(h in low for h in FULL_HINTS):
+            return WarehouseFull(
+                errno.ENOSPC,
+                f"no space left on the warehouse's disk ({where}): the write in progress was rolled back and "
+                f"everything committed before it is kept. Free space there, or set LALP_WAREHOUSE to a larger "
+                f"disk, then rerun: it resumes from what was committed. ({e})")
+        if self.target.path is not None and any(h in low for h in DAMAGE_HINTS):
+            p = self.target.path
+            return WarehouseDamaged(
+                f"the warehouse file {p} cannot be read as a DuckDB database: it is truncated or corrupted ({e}). "
+                f"It has not been changed, and lalp never overwrites it: keep it for recovery, restore it from a "
+                f"backup, or move it aside (`mv {p} {p}.damaged`) and rerun to rebuild the warehouse from the "
+                f"sources (scores are recomputed).")
+        return e
 
     def _open_waiting(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         """Open, waiting while another process holds a DuckDB file lock (the file backend, or a
@@ -432,48 +507,100 @@ def is_lake(con) -> bool:
     return bool(row and row[0] == "ducklake")
 
 
-def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
-    """Create the missing tables and the lineage view. On DuckLake only missing objects are created
-    (a catalog write per open would collide with other writers), with a fence table per data table."""
-    if not is_lake(con):
-        for name, cols in SCHEMA.items():
-            con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
-        for table, column, kind in ADDED_COLUMNS:  # warehouses made by an earlier version
-            con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
-        con.execute(LINEAGE_VIEW)
+@dataclass
+class SchemaPlan:
+    """What opening a warehouse for writing must do to bring it to SCHEMA_VERSION."""
+
+    version: int | None                      # None: a new warehouse (no lalp tables yet)
+    create: list[str]                        # SCHEMA tables that do not exist
+    migrations: list[Migration]              # to apply, in order
+    lacking: list[str]                       # "table.column" that no migration adds
+    fences: list[str]                        # DuckLake: missing fence tables
+    view: bool                               # the lineage view is missing
+    columns: dict[str, set[str]]             # the columns each existing table has
+
+    @property
+    def done(self) -> bool:
+        return (self.version == SCHEMA_VERSION and not (self.create or self.migrations or self.lacking or self.fences)
+                and not self.view)
+
+
+def schema_plan(con) -> SchemaPlan:
+    lake = is_lake(con)
+    have = {(sc, n) for sc, n in con.execute(
+        "SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()}
+    cols: dict[str, set[str]] = {}
+    for t, c in con.execute("SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = "
+                            "current_database() AND schema_name = 'main'").fetchall():
+        cols.setdefault(t, set()).add(c)
+    view = not con.execute("SELECT count(*) FROM duckdb_views() WHERE database_name = current_database() "
+                           "AND view_name = 'curated_lineage' AND NOT internal").fetchone()[0]
+    present = [n for n in SCHEMA if ("main", n) in have]
+    if ("main", VERSION_TABLE) in have:
+        version = con.execute(f"SELECT max(version) FROM {VERSION_TABLE}").fetchone()[0] or 1
+    else:
+        version = 1 if present else None
+    todo = [m for m in MIGRATIONS if version is not None and m.version > version]
+    added = {(t, c) for m in todo for t, c, _ in m.add_columns}
+    lacking = [f"{t}.{c}" for t in present for c in COLUMNS[t] if c not in cols.get(t, set()) and (t, c) not in added]
+    fences = [n for n in SCHEMA if (FENCE_SCHEMA, n) not in have] if lake else []
+    return SchemaPlan(version, [n for n in SCHEMA if n not in present], todo, lacking, fences, view, cols)
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection, where: str = "the warehouse") -> None:
+    """Bring a warehouse opened for writing to SCHEMA_VERSION, in one transaction: create missing
+    tables, apply the migrations it lacks, record each version reached in `lalp_schema`. A
+    warehouse this release cannot migrate (newer, or lacking a column no migration adds) raises
+    WarehouseSchemaError before anything is written. Up to date, it costs three catalog queries."""
+    plan = schema_plan(con)
+    if plan.done:
         return
+    _refuse(plan, where)
+    lake = is_lake(con)
 
-    def missing() -> tuple[list[str], list[str], bool, list[tuple[str, str, str]]]:
-        have = {(s, n) for s, n in con.execute(
-            "SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()}
-        views = {n for (n,) in con.execute(
-            "SELECT view_name FROM duckdb_views() WHERE database_name = current_database() AND NOT internal").fetchall()}
-        cols = {(t, c) for t, c in con.execute(
-            "SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = current_database() "
-            "AND schema_name = 'main'").fetchall()}
-        tables = [n for n in SCHEMA if ("main", n) not in have]
-        added = [a for a in ADDED_COLUMNS if a[0] not in tables and (a[0], a[1]) not in cols]
-        return (tables, [n for n in SCHEMA if (FENCE_SCHEMA, n) not in have], "curated_lineage" not in views, added)
-
-    tables, fences, view, added = missing()
-    if not (tables or fences or view or added):
-        return
-
-    def create() -> None:
-        tables, fences, view, added = missing()
-        for name in tables:
-            con.execute(f"CREATE TABLE main.{name} ({LAKE_SCHEMA[name]})")
-        for table, column, kind in added:  # lakes made by an earlier version
-            con.execute(f"ALTER TABLE main.{table} ADD COLUMN {column} {kind}")
-        if fences:
+    def apply() -> SchemaPlan:
+        plan = schema_plan(con)  # again inside the transaction: another writer may have migrated
+        _refuse(plan, where)
+        if plan.done:
+            return plan
+        for name in plan.create:
+            con.execute(f"CREATE TABLE main.{name} ({LAKE_SCHEMA[name] if lake else SCHEMA[name]})")
+        for m in plan.migrations:
+            for table, column, kind in m.add_columns:
+                if table not in plan.create and column not in plan.columns.get(table, ()):
+                    con.execute(f"ALTER TABLE main.{table} ADD COLUMN {column} {kind}")
+        con.execute(f"CREATE TABLE IF NOT EXISTS main.{VERSION_TABLE} ({VERSION_COLUMNS})")
+        history = ([(SCHEMA_VERSION, "created")] if plan.version is None else
+                   [(plan.version, "found (written before schema versions were recorded)")]
+                   if plan.version == 1 and plan.migrations else [])
+        history += [(m.version, f"migrated: {m.note}") for m in plan.migrations]
+        for v, note in history:
+            con.execute(f"INSERT INTO main.{VERSION_TABLE} VALUES (?, ?, now()::TIMESTAMP)", [v, note])
+        if plan.fences:
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {FENCE_SCHEMA}")
-        for name in fences:
+        for name in plan.fences:
             con.execute(f"CREATE TABLE {FENCE_SCHEMA}.{name} (generation BIGINT)")
             con.execute(f"INSERT INTO {FENCE_SCHEMA}.{name} VALUES (0)")
-        if view:
-            con.execute(LINEAGE_VIEW)
+        con.execute(LINEAGE_VIEW)
+        return plan
 
-    run_transaction(con, create)
+    done = run_transaction(con, apply)
+    if done.migrations:
+        log.warning("migrated %s from schema version %s to %s: %s", where, done.version, SCHEMA_VERSION,
+                    "; ".join(m.note for m in done.migrations))
+
+
+def _refuse(plan: SchemaPlan, where: str) -> None:
+    if plan.version is not None and plan.version > SCHEMA_VERSION:
+        raise WarehouseSchemaError(
+            f"{where} has schema version {plan.version}, written by a newer lalp-pipeline release (this one "
+            f"knows versions up to {SCHEMA_VERSION}); it was not changed. Upgrade lalp-pipeline, or point "
+            f"LALP_WAREHOUSE at another warehouse.")
+    if plan.lacking:
+        raise WarehouseSchemaError(
+            f"{where} (schema version {plan.version}) lacks column(s) {', '.join(plan.lacking)} that no migration "
+            f"adds: it was changed outside lalp-pipeline; it was not changed. Restore it from a backup, or move it "
+            f"aside and rerun (`lalp run` rebuilds it from the sources; scores are recomputed).")
 
 
 def table_exists(con, name: str) -> bool:

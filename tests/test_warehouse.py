@@ -152,7 +152,7 @@ def exercise(wh: Warehouse) -> dict:
 
 
 def _check(r: dict) -> None:
-    assert r["tables"] == sorted(SCHEMA)
+    assert r["tables"] == sorted([*SCHEMA, W.VERSION_TABLE])
     assert len(r["raw_teacher_traces"]) == 5
     assert r["ingest_runs"] == []
     steps = r["reasoning_steps"]
@@ -342,14 +342,3 @@ def test_read_only_on_a_missing_warehouse_raises_and_creates_nothing(pg, tmp_pat
         pass
     assert missing.is_file()
     assert Warehouse(missing).read("SELECT count(*) AS n FROM score_cache")["n"].to_list() == [0]
-
-
-def test_an_older_warehouse_gets_added_columns_on_open(tmp_path):
-    for wh in (Warehouse(tmp_path / "old.duckdb"), Warehouse(f"ducklake:{tmp_path}/old.ducklake")):
-        with wh.connect() as con:
-            for table, column, _ in W.ADDED_COLUMNS:
-                con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
-                assert column not in W.columns(con, table)
-        with wh.connect() as con:
-            for table, column, _ in W.ADDED_COLUMNS:
-                assert column in W.columns(con, table), (wh, table, column)

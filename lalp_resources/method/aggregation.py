@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Collection
 
 import numpy as np
 import polars as pl
@@ -83,15 +84,19 @@ def _paired_bootstrap(matrix: np.ndarray, n_boot: int, seed: int) -> tuple[np.nd
     return np.percentile(means, 2.5, axis=0), np.percentile(means, 97.5, axis=0)
 
 
-def rank_teachers(responses: pl.DataFrame, n_boot: int = 1000, seed: int = 0) -> pl.DataFrame:
+def rank_teachers(responses: pl.DataFrame, n_boot: int = 1000, seed: int = 0,
+                  conflicting: Collection[str] = ()) -> pl.DataFrame:
     """Per teacher: mean LALP over the prompts every compared teacher answered, with a paired
     bootstrap 95% interval; GALP the same way beside it. Teachers that share no prompt with the
-    others still get a row (null means, n_shared_prompts = 0)."""
+    others still get a row (null means, n_shared_prompts = 0). Prompt ids in `conflicting` (the
+    teachers were given different prompt texts under them) are left out of the comparison, and
+    their number is in `n_conflicting_prompts`."""
     scored = responses.filter(pl.col("lalp").is_not_null() & pl.col("lalp").is_not_nan())
     teachers = sorted(responses["teacher"].unique().to_list())
     per_prompt = scored.group_by("teacher", "prompt_id").agg(pl.col("lalp").mean(), pl.col("galp").mean())
     counts = per_prompt.group_by("prompt_id").agg(pl.col("teacher").n_unique().alias("n"))
-    shared = sorted(counts.filter(pl.col("n") == len(teachers))["prompt_id"].to_list())
+    conflicting = set(conflicting)
+    shared = sorted(p for p in counts.filter(pl.col("n") == len(teachers))["prompt_id"].to_list() if p not in conflicting)
     acc = responses.group_by("teacher").agg(
         pl.len().alias("n_responses"), pl.col("is_correct").cast(pl.Float64).mean().alias("accuracy")
     )
@@ -114,6 +119,7 @@ def rank_teachers(responses: pl.DataFrame, n_boot: int = 1000, seed: int = 0) ->
             {
                 "teacher": t,
                 "n_shared_prompts": len(shared),
+                "n_conflicting_prompts": len(conflicting),
                 **{k: s.get(k) for k in ("lalp_mean", "lalp_ci_low", "lalp_ci_high", "galp_mean", "galp_ci_low", "galp_ci_high")},
             }
         )
@@ -122,6 +128,7 @@ def rank_teachers(responses: pl.DataFrame, n_boot: int = 1000, seed: int = 0) ->
         schema={
             "teacher": pl.Utf8, "n_shared_prompts": pl.Int32, "lalp_mean": pl.Float64, "lalp_ci_low": pl.Float64,
             "lalp_ci_high": pl.Float64, "galp_mean": pl.Float64, "galp_ci_low": pl.Float64, "galp_ci_high": pl.Float64,
+            "n_conflicting_prompts": pl.Int32,
         },
     ).join(acc, on="teacher", how="left")
     out = out.with_columns(
@@ -244,6 +251,10 @@ def ranking_verdict(rk: pl.DataFrame) -> str:
                 f"{', '.join(tied)}: over {n} shared prompts these cannot be told apart.")
     else:
         text = f"{top['teacher']}{acc} ranks first and its 95% interval separates it from every other teacher ({n} shared prompts)."
+    conflicts = int(top.get("n_conflicting_prompts") or 0)
+    if conflicts:
+        text += (f" {conflicts} prompt id(s) were given to the teachers with different prompt texts and were left out of "
+                 f"the comparison (the ranking's `conflicting_prompts` metadata names them; give each question its own prompt_id).")
     if n < SMALL_SAMPLE:
         text += f" {n} shared prompts is a small sample: treat this as a smoke test, not a verdict (score more prompts, e.g. `lalp run --all`)."
     return text
