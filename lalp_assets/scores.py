@@ -70,8 +70,10 @@ class WarehouseSession:
             self._opened = start
         try:
             yield self._con
-        except BaseException:
-            self.close()
+        except BaseException as e:
+            cm, self._cm, self._con = self._cm, None, None
+            if cm is not None:  # the warehouse sees the error: a full disk or a damaged file is explained
+                cm.__exit__(type(e), e, e.__traceback__)
             raise
         self._last_end = end = time.monotonic()
         if idle > self.idle_s or end - self._opened > self.hold_s:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,3 +193,82 @@ def test_sigterm_mid_scoring_commits_what_is_done_and_fails_the_run(tmp_path, st
     assert "left STARTED by a dead process" not in out.stderr
     assert scores(db) == expected
     assert count(db, "SELECT count(*) FROM step_scores WHERE cache_hit") >= partial
+
+
+def table_counts(db: Path) -> dict[str, int]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in (
+            "raw_teacher_traces", "quarantine", "reasoning_steps", "step_scores", "galp_scores", "response_scores",
+            "teacher_rankings", "selection_decisions", "curated_sft_dataset")}
+    finally:
+        con.close()
+
+
+def run_cli(env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lalp_assets.cli", "run"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs for the warehouse (mounting one needs root, as in CI's container)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_fails_the_run_clearly_and_a_rerun_resumes(tmp_path, student_dir, small_disk):
+    traces = write_traces(tmp_path / "traces.jsonl", n_prompts=8)
+    # the reference run, on the same disk with room to spare: how much the warehouse needs
+    ref_env = lalp_env(tmp_path / "ref", traces, student_dir)
+    ref_env["LALP_WAREHOUSE"] = str(small_disk / "ref.duckdb")
+    out = run_cli(ref_env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    expected, counts = scores(small_disk / "ref.duckdb"), table_counts(small_disk / "ref.duckdb")
+    need = sum(f.stat().st_size for f in small_disk.iterdir())
+    shutil.copy(small_disk / "ref.duckdb", tmp_path / "ref.duckdb")
+    for f in list(small_disk.iterdir()):
+        f.unlink()
+    expected_db = tmp_path / "ref.duckdb"
+
+    env = lalp_env(tmp_path / "full", traces, student_dir)
+    db = small_disk / "lalp.duckdb"
+    env["LALP_WAREHOUSE"] = str(db)
+    filler = small_disk / "filler"
+    free = shutil.disk_usage(small_disk).free
+    with open(filler, "wb") as f:  # leave room for about half of what the run writes
+        f.write(b"\0" * (free - need // 2))
+    out = run_cli(env)
+    log = out.stdout + out.stderr
+    assert out.returncode != 0, log[-3000:]
+    assert "no space left on the warehouse's disk" in log and "rerun: it resumes from what was committed" in log, log[-3000:]
+    assert "Traceback" not in out.stderr[-2000:], out.stderr[-3000:]
+
+    filler.unlink()
+    out = run_cli(env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    got = scores(db)
+    assert got == expected and len(got) == len(set((r, i) for r, i, *_ in got))  # nothing lost, nothing twice
+    assert table_counts(db) == counts == table_counts(expected_db)
+
+
+def test_a_damaged_warehouse_file_is_refused_and_kept(tmp_path, student_dir):
+    traces = write_traces(tmp_path / "traces.jsonl", n_prompts=2)
+    env = lalp_env(tmp_path / "dmg", traces, student_dir)
+    out = run_cli(env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    db = tmp_path / "dmg" / "lalp.duckdb"
+    os.truncate(db, 100)  # the header survives, nothing else
+    before = db.read_bytes()
+    out = run_cli(env)
+    log = out.stdout + out.stderr
+    assert out.returncode != 0, log[-3000:]
+    assert f"the warehouse file {db} cannot be read as a DuckDB database" in log and "has not been changed" in log, log[-3000:]
+    assert db.read_bytes() == before
