@@ -14,7 +14,7 @@ import dagster as dg
 import polars as pl
 
 from lalp_assets.metadata import check_result, table_metadata
-from lalp_assets.partitions import Scope, by_teacher, scope_of
+from lalp_assets.partitions import Scope, by_teacher, scope_of, settled_partitions
 from lalp_assets.versions import RESPONSES, ensure_version, score_version
 from lalp_resources import expectations as gx_suites
 from lalp_resources.markdown import markdown_table
@@ -92,6 +92,33 @@ class WarehouseSession:
         if self.pending:
             found.update((k, self.pending[k]) for k in keys if k in self.pending)
         return found
+
+
+# Responses whose every step has a score for this student, window, template and dtype, from the
+# segmenter version their steps have now (and a GALP): nothing about them changed since.
+DONE_SQL = """
+SELECT r.response_id, r.prompt_id, r.teacher, r.n AS n_steps
+FROM (SELECT response_id, any_value(prompt_id) AS prompt_id, any_value(teacher) AS teacher,
+             any_value(segmenter_version) AS v, count(*) AS n
+      FROM reasoning_steps WHERE teacher IN (SELECT unnest(?)) GROUP BY response_id) r
+JOIN (SELECT response_id, any_value(segmenter_version) AS v, count(DISTINCT segmenter_version) AS nv, count(*) AS n
+      FROM step_scores WHERE teacher IN (SELECT unnest(?)) AND student = ? AND window_spec = ? AND template = ? AND dtype = ?
+      GROUP BY response_id) s USING (response_id)
+WHERE r.v = s.v AND s.nv = 1 AND r.n = s.n AND r.response_id IN (SELECT response_id FROM galp_scores)
+"""
+
+
+def _settled_only(done: pl.DataFrame, settled: set[str], shards: int) -> pl.DataFrame:
+    """The rows of `done` in partitions last materialized under the current code version."""
+    if shards <= 1 or done.height == 0:
+        return done.filter(pl.col("teacher").is_in(sorted(settled)))
+    done = with_shard(done, shards)
+    ok = [(t, x) for t, x in done.select("teacher", "shard").unique().iter_rows()
+          if str(dg.MultiPartitionKey({"teacher": t, "shard": str(x)})) in settled]
+    keep = pl.lit(False)
+    for t, x in ok:
+        keep = keep | ((pl.col("teacher") == t) & (pl.col("shard") == x))
+    return done.filter(keep).drop("shard")
 
 
 def _in_scope(df: pl.DataFrame, scope: Scope, shards: int) -> pl.DataFrame:
@@ -202,36 +229,46 @@ def build_step_scores(student, settings, partitions_def, backfill, k8s_gpu: bool
     )
     def step_scores(context: dg.AssetExecutionContext, warehouse: WarehouseResource, student: StudentModelResource,
                     settings: PipelineSettingsResource):
-        ensure_version(context, score_version(student, settings))
+        version = score_version(student, settings)
+        ensure_version(context, version)
         scope = scope_of(context)
         wh = warehouse.get()
+        st = student.load()
+        cfg = {"student": st.fingerprint, "window_spec": settings.window, "template": settings.template, "dtype": st.dtype}
         with wh.connect(read_only=True) as con:
+            # responses passed over: one join, before any window planning or tokenization
+            done = _settled_only(query(con, DONE_SQL, [scope.teachers, scope.teachers, *cfg.values()]),
+                                 settled_partitions(context, version), settings.shards)
+            con.register("_lalp_done", done.select("response_id").to_arrow())
             # spans and provenance; not the step texts (the engine cuts them from the response)
             steps = query(con, "SELECT response_id, step_index, char_start, char_end, prompt_id, teacher, segmenter, "
                                "segmenter_version, source_uri, source_sha256, ingest_run_id FROM reasoning_steps "
-                               "WHERE teacher IN (SELECT unnest(?)) ORDER BY response_id, step_index", [scope.teachers])
+                               "WHERE teacher IN (SELECT unnest(?)) AND response_id NOT IN (SELECT response_id FROM _lalp_done) "
+                               "ORDER BY response_id, step_index", [scope.teachers])
             traces = query(
                 con,
                 "SELECT response_id, prompt_id, teacher, prompt, response FROM raw_teacher_traces "
                 "WHERE response_id IN (SELECT DISTINCT response_id FROM reasoning_steps WHERE teacher IN (SELECT unnest(?))) "
-                "ORDER BY prompt_id, teacher",
+                "AND response_id NOT IN (SELECT response_id FROM _lalp_done) ORDER BY prompt_id, teacher",
                 [scope.teachers],
             )
             previous = query(con, "SELECT response_id, prompt_id, teacher FROM galp_scores JOIN "
                                   "(SELECT DISTINCT response_id, prompt_id FROM step_scores) USING (response_id) "
                                   "WHERE teacher IN (SELECT unnest(?))", [scope.teachers])
         steps, traces = _in_scope(steps, scope, settings.shards), _in_scope(traces, scope, settings.shards)
-        stale = _in_scope(previous, scope, settings.shards).filter(~pl.col("response_id").is_in(traces["response_id"].implode()))
+        done = _in_scope(done, scope, settings.shards)
+        current = pl.concat([traces["response_id"], done["response_id"]])
+        stale = _in_scope(previous, scope, settings.shards).filter(~pl.col("response_id").is_in(current.implode()))
         run_id = context.run.run_id
         items = score_items(steps, traces)
-        st = student.load()
         # the file is handed back at least every 2.5 commit intervals (5 s by default; 0: after every use)
         session = WarehouseSession(wh, hold_s=2.5 * settings.commit_every_s)
         engine = student.engine(settings.template, settings.window, cache=session)
         meta = steps.select("response_id", "step_index", "prompt_id", "teacher", "segmenter", "segmenter_version",
                             "source_uri", "source_sha256", "ingest_run_id")
         teacher_of = traces.select("response_id", "teacher")
-        cfg = {"student": st.fingerprint, "window_spec": settings.window, "template": settings.template, "dtype": st.dtype}
+        if done.height:
+            context.log.info(f"passed over {done.height} response(s) already scored under these settings")
         context.log.info(f"scoring {len(items)} responses ({steps.height} steps) of {scope.describe()} with {st.fingerprint} "
                          f"on {st.device}/{st.dtype}")
         t0 = time.perf_counter()
@@ -265,7 +302,8 @@ def build_step_scores(student, settings, partitions_def, backfill, k8s_gpu: bool
             head = query(con, f"SELECT * {scored} ORDER BY response_id, step_index LIMIT 5", [traces["response_id"].to_list()])
         yield dg.MaterializeResult(
             metadata=table_metadata(
-                head.drop("source_uri", "source_sha256"), "step_scores", row_count=mine.height,
+                head.drop("source_uri", "source_sha256"), "step_scores", row_count=mine.height + int(done["n_steps"].sum() or 0),
+                responses_scored=traces.height, responses_passed_over=done.height,
                 windows_total=stats.windows_total, windows_scored=stats.windows_scored, windows_cached=stats.windows_cached,
                 windows_over_context=stats.windows_over_context,
                 tokens_forwarded=stats.tokens_forwarded, seconds=round(secs, 2),

@@ -5,7 +5,7 @@ import dagster as dg
 import polars as pl
 
 from lalp_assets.metadata import check_result, table_metadata
-from lalp_assets.partitions import scope_of
+from lalp_assets.partitions import scope_of, settled_partitions
 from lalp_assets.versions import ensure_version, steps_version
 from lalp_resources import expectations as gx_suites
 from lalp_resources.method.aggregation import sample_prompts
@@ -44,23 +44,38 @@ def build(segmentation, student, settings, partitions_def, backfill) -> dg.Asset
         student: StudentModelResource,
         settings: PipelineSettingsResource,
     ):
-        ensure_version(context, steps_version(segmentation, student, settings))
+        version = steps_version(segmentation, student, settings)
+        ensure_version(context, version)
         teachers = scope_of(context).teachers
+        # Teachers whose steps were last written under these settings: a response of theirs that
+        # already has steps from this segmenter version is passed over (one anti-join, before any
+        # tokenization or segmentation). Everything else is screened and segmented.
+        settled = sorted(settled_partitions(context, version))
+        seg_version = segmentation.version()
+        known_sql = ("SELECT DISTINCT s.response_id, s.prompt_id FROM reasoning_steps s WHERE s.teacher IN (SELECT unnest(?)) "
+                     "AND s.segmenter = ? AND s.segmenter_version = ?")
+        known_args = [settled, segmentation.method, seg_version]
         wh = warehouse.get()
         with wh.connect(read_only=True) as con:
             all_prompts = [r[0] for r in con.execute("SELECT DISTINCT prompt_id FROM raw_teacher_traces").fetchall()]
+            present = [r[0] for r in con.execute(
+                "SELECT DISTINCT teacher FROM raw_teacher_traces WHERE teacher IN (SELECT unnest(?))", [teachers]).fetchall()]
+            n_traces = con.execute("SELECT count(*) FROM raw_teacher_traces WHERE teacher IN (SELECT unnest(?))", [teachers]).fetchone()[0]
+            # known: steps already there for a response still in the traces
+            known = query(con, f"SELECT k.* FROM ({known_sql}) k SEMI JOIN raw_teacher_traces t USING (response_id)", known_args)
             traces = query(
                 con,
                 "SELECT response_id, prompt_id, teacher, prompt, response, source_uri, source_sha256, source_row, format, "
-                "ingest_run_id FROM raw_teacher_traces WHERE teacher IN (SELECT unnest(?)) ORDER BY response_id",
-                [teachers],
+                f"ingest_run_id FROM raw_teacher_traces t WHERE teacher IN (SELECT unnest(?)) "
+                f"AND response_id NOT IN (SELECT response_id FROM ({known_sql})) ORDER BY response_id",
+                [teachers, *known_args],
             )
-        present = set(traces["teacher"].unique().to_list())
-        absent = [t for t in teachers if t not in present]
+        absent = [t for t in teachers if t not in set(present)]
         if absent:
             context.log.warning(f"teacher(s) {absent} have no traces: their steps are left as they are")
         keep = sample_prompts(all_prompts, settings.max_prompts)
         sampled = traces.filter(pl.col("prompt_id").is_in(list(keep)))
+        kept = known.filter(pl.col("prompt_id").is_in(list(keep))).select("response_id")
         tokenizer = student.tokenizer()
         screened = screen_traces(sampled, tokenizer, settings.template, settings.control_tokens,
                                  settings.max_prompt_tokens, settings.max_response_tokens)
@@ -72,21 +87,27 @@ def build(segmentation, student, settings, partitions_def, backfill) -> dg.Asset
         if screened.over_token_caps:
             context.log.warning(f"{screened.over_token_caps} response(s) over the token caps are not scored (see `quarantine`, stage 'steps')")
         context.log.info(
-            f"segmenting {sampled.height} of {traces.height} responses ({len(keep)} of {len(all_prompts)} prompts; "
-            f"max_prompts={settings.max_prompts}) with '{segmentation.method}'"
+            f"segmenting {sampled.height} new or changed responses with '{segmentation.method}'; passed over {kept.height} "
+            f"whose steps are already there ({len(keep)} of {len(all_prompts)} prompts sampled; max_prompts={settings.max_prompts})"
         )
         steps = segment_traces(sampled, segmentation.segment_fn(), tokenizer)
-        version = segmentation.version()
         steps = steps.join(
             sampled.select("response_id", "source_uri", "source_sha256", "ingest_run_id"), on="response_id"
         ).with_columns(
             pl.lit(segmentation.method).alias("segmenter"),
-            pl.lit(version).alias("segmenter_version"),
+            pl.lit(seg_version).alias("segmenter_version"),
             pl.lit(context.run.run_id).alias("steps_run_id"),
         )
         replaced = sorted(present)
+
         def replace(con):
-            con.execute("DELETE FROM reasoning_steps WHERE teacher IN (SELECT unnest(?))", [replaced])
+            # the teachers' steps go, but for the responses passed over
+            con.register("_lalp_kept", kept.to_arrow())
+            try:
+                con.execute("DELETE FROM reasoning_steps WHERE teacher IN (SELECT unnest(?)) "
+                            "AND response_id NOT IN (SELECT response_id FROM _lalp_kept)", [replaced])
+            finally:
+                con.unregister("_lalp_kept")
             insert(con, "reasoning_steps", steps)
             con.execute("DELETE FROM quarantine WHERE stage = 'steps' AND teacher IN (SELECT unnest(?))", [replaced])
             insert(con, "quarantine", too_long.with_columns(
@@ -95,17 +116,21 @@ def build(segmentation, student, settings, partitions_def, backfill) -> dg.Asset
 
         with wh.connect() as con:
             run_transaction(con, lambda: replace(con))
+            n_steps, n_responses = con.execute(
+                "SELECT count(*), count(DISTINCT response_id) FROM reasoning_steps WHERE teacher IN (SELECT unnest(?))",
+                [teachers]).fetchone()
         fallbacks = steps.filter(pl.col("segment_note").is_not_null())["response_id"].n_unique()
-        per_resp = steps.group_by("response_id").len()
         yield dg.MaterializeResult(
             metadata=table_metadata(
-                steps.drop("source_uri", "source_sha256"), "reasoning_steps",
-                responses=sampled.height, responses_not_sampled=traces.height - sampled.height - too_long.height,
+                steps.drop("source_uri", "source_sha256"), "reasoning_steps", row_count=n_steps,
+                responses=sampled.height + kept.height, responses_segmented=sampled.height,
+                responses_passed_over=kept.height,
+                responses_not_sampled=n_traces - sampled.height - kept.height - too_long.height,
                 responses_over_token_caps=screened.over_token_caps,
                 responses_with_control_tokens=screened.control_token_rows,
                 control_tokens=settings.control_tokens,
-                prompts_sampled=len(keep), segmenter=version, llm_fallbacks=fallbacks,
-                mean_steps_per_response=float(per_resp["len"].mean() or 0.0),
+                prompts_sampled=len(keep), segmenter=seg_version, llm_fallbacks=fallbacks,
+                mean_steps_per_response=float(n_steps / n_responses) if n_responses else 0.0,
             )
         )
         yield check_result("steps_tile_responses", gx_suites.steps_suite(steps, sampled))

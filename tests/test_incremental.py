@@ -156,3 +156,52 @@ def test_changing_the_window_rescores_once_then_nothing(env):
     assert changed["windows_scored"] == expected_windows(wh, "alpha", new_start_after=2) > 0
     assert run_teacher(instance, s2, "alpha")["windows_scored"] == 0
     assert wh.read("SELECT DISTINCT window_spec FROM step_scores")["window_spec"].to_list() == ["fixed:2"]
+
+
+def materialized(instance, asset: str) -> dict:
+    md = instance.get_latest_materialization_event(dg.AssetKey(asset)).asset_materialization.metadata
+    return {k: v.value for k, v in md.items()}
+
+
+def test_a_rerun_passes_over_unchanged_responses_and_scores_only_what_changed(env):
+    instance, inbox, settings, tmp = env
+    src = write_teacher(inbox / "alpha.jsonl", "alpha", "a")
+    instance.add_dynamic_partitions("teacher", ["alpha"])
+    s = settings(sources=(str(src),))
+    wh = Warehouse(s.warehouse)
+    q = ("SELECT response_id, step_index, n_tokens, sum_logprob, mean_logprob, student, segmenter_version, window_spec "
+         "FROM step_scores ORDER BY response_id, step_index")
+    first = run_teacher(instance, s, "alpha")
+    assert first["windows_scored"] == first["windows_total"] > 0
+    before, steps_before = wh.read(q), wh.read("SELECT * FROM reasoning_steps ORDER BY response_id, step_index")
+
+    again = run_teacher(instance, s, "alpha")
+    assert again == {"windows_total": 0, "windows_scored": 0, "windows_cached": 0}  # nothing planned at all
+    steps_md, scores_md = materialized(instance, "reasoning_steps"), materialized(instance, "step_scores")
+    assert (steps_md["responses_passed_over"], steps_md["responses_segmented"], steps_md["responses"]) == (3, 0, 3)
+    assert (scores_md["responses_passed_over"], scores_md["responses_scored"]) == (3, 0)
+    assert scores_md["dagster/row_count"] == before.height == steps_md["dagster/row_count"]
+    assert wh.read(q).equals(before)
+    assert wh.read("SELECT * FROM reasoning_steps ORDER BY response_id, step_index").equals(steps_before)
+
+    # one response changes: only it is segmented and scored; the old one's rows go
+    rows = [json.loads(line) for line in src.read_text().splitlines()]
+    rows[1]["response"] = rows[1]["response"].replace("carefully", "very carefully")
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    changed = run_teacher(instance, s, "alpha")
+    steps_md, scores_md = materialized(instance, "reasoning_steps"), materialized(instance, "step_scores")
+    assert (steps_md["responses_passed_over"], steps_md["responses_segmented"]) == (2, 1)
+    assert (scores_md["responses_passed_over"], scores_md["responses_scored"]) == (2, 1)
+    assert 0 < changed["windows_total"] < first["windows_total"]
+    after = wh.read(q)
+    ids = set(wh.read("SELECT response_id FROM raw_teacher_traces")["response_id"])
+    assert set(after["response_id"]) == ids and len(ids) == 3
+    assert wh.read("SELECT count(*) AS n FROM galp_scores")["n"][0] == 3
+    kept = before.filter(before["response_id"].is_in(list(ids)))
+    assert kept.height > 0 and after.filter(after["response_id"].is_in(kept["response_id"].implode())).equals(kept)
+
+    # a fresh warehouse with the same scores is what a full run computes
+    fresh = settings(sources=(str(src),), warehouse=str(tmp / "fresh.duckdb"))
+    assert run_teacher(instance, fresh, "alpha")["windows_total"] > 0  # the fresh file has no steps: all planned
+    assert Warehouse(fresh.warehouse).read(q).select("response_id", "step_index", "n_tokens", "mean_logprob").equals(
+        after.select("response_id", "step_index", "n_tokens", "mean_logprob"))
