@@ -36,7 +36,8 @@ bench: setup
 	$(BIN)/python -m benchmarks.benchmark $(BENCH_ARGS)
 
 # The whole graph on ROWS generated traces (real ZeroEval text, 8 teachers, a tiny student): seconds
-# and peak RSS per stage and check; the last line is rows=N seconds=S peak_rss_mb=M per_row_ms=P.
+# and peak RSS per stage and check, then the same again with nothing new; the last line is
+# rows=N seconds=S peak_rss_mb=M per_row_ms=P rerun_seconds=R.
 ROWS ?= 10000
 bench-scale: setup
 	$(BIN)/python -m benchmarks.bench_scale --rows $(ROWS) $(BENCH_SCALE_ARGS)

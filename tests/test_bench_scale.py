@@ -12,7 +12,7 @@ import duckdb
 from helpers import REPO, zeroeval_or_skip
 
 ROWS, TEACHERS = 200, 8
-LAST_LINE = re.compile(r"^rows=(\d+) seconds=(\d+\.\d) peak_rss_mb=(\d+) per_row_ms=(\d+\.\d{3})$")
+LAST_LINE = re.compile(r"^rows=(\d+) seconds=(\d+\.\d) peak_rss_mb=(\d+) per_row_ms=(\d+\.\d{3}) rerun_seconds=(\d+\.\d)$")
 
 
 def test_bench_scale_tiny_run_reconciles(tmp_path):
@@ -30,6 +30,8 @@ def test_bench_scale_tiny_run_reconciles(tmp_path):
     assert m, lines[-1]
     assert int(m.group(1)) == ROWS and float(m.group(2)) > 0 and int(m.group(3)) > 0
     assert abs(float(m.group(4)) - float(m.group(2)) * 1000 / ROWS) <= 0.05 * 1000 / ROWS + 0.001  # seconds shown to 0.1
+    assert float(m.group(5)) > 0
+    assert "the rerun, nothing new:" in out.stdout
     table = "\n".join(lines)
     for stage in ("raw_teacher_traces", "reasoning_steps", "step_scores", "response_scores", "teacher_rankings",
                   "curated_sft_dataset", "check traces_valid", "check one_row_per_prompt_traceable"):
