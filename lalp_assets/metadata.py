@@ -3,6 +3,8 @@ preview, and GX suite outcomes as Dagster check results."""
 
 from __future__ import annotations
 
+import time
+
 import dagster as dg
 import polars as pl
 
@@ -42,3 +44,21 @@ def check_result(name: str, suite) -> dg.AssetCheckResult:
         },
         severity=dg.AssetCheckSeverity.ERROR,
     )
+
+
+def progress_log(log, what: str, every_s: float = 10.0):
+    """`report(done, total)`: '<what> done/total (p%), rate/s, ~eta s left', at most every `every_s`
+    seconds and always at the end (LALP_PROGRESS_EVERY_S)."""
+    state = {"t0": time.monotonic(), "last": 0.0}
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - state["last"] < every_s:
+            return
+        state["last"] = now
+        secs = now - state["t0"]
+        rate = done / secs if secs > 0 else 0.0
+        eta = f"~{(total - done) / rate:.0f}s left" if rate else "time left unknown"
+        log.info(f"{what} {done}/{total} ({100 * done / max(total, 1):.0f}%), {rate:.1f}/s, {eta}")
+
+    return report

@@ -4,7 +4,7 @@
 import dagster as dg
 import polars as pl
 
-from lalp_assets.metadata import check_result, table_metadata
+from lalp_assets.metadata import check_result, progress_log, table_metadata
 from lalp_assets.partitions import scope_of, settled_partitions
 from lalp_assets.versions import ensure_version, steps_version
 from lalp_resources import expectations as gx_suites
@@ -90,7 +90,9 @@ def build(segmentation, student, settings, partitions_def, backfill) -> dg.Asset
             f"segmenting {sampled.height} new or changed responses with '{segmentation.method}'; passed over {kept.height} "
             f"whose steps are already there ({len(keep)} of {len(all_prompts)} prompts sampled; max_prompts={settings.max_prompts})"
         )
-        steps = segment_traces(sampled, segmentation.segment_fn(), tokenizer)
+        steps = segment_traces(sampled, segmentation.segment_fn(), tokenizer,
+                               progress=progress_log(context.log, "segmenting, response passes (2 per response):",
+                                                     settings.progress_every_s))
         steps = steps.join(
             sampled.select("response_id", "source_uri", "source_sha256", "ingest_run_id"), on="response_id"
         ).with_columns(

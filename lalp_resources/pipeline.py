@@ -171,17 +171,28 @@ def _token_rejects(rows: pl.DataFrame, reasons: list[tuple[str, str]]) -> pl.Dat
 # ---------------------------------------------------------------------------------- segment
 
 
-def segment_traces(traces: pl.DataFrame, segment_fn: Segmenter, tokenizer) -> pl.DataFrame:
+def segment_traces(traces: pl.DataFrame, segment_fn: Segmenter, tokenizer,
+                   progress: Callable[[int, int], None] | None = None) -> pl.DataFrame:
     """One row per step. Segment, then merge steps that own no student token into a neighbour
-    (the responses are tokenized in bounded batches, not one call per response)."""
+    (the responses are tokenized in bounded batches, not one call per response). `progress(done,
+    total)` counts responses through both passes (total = twice the responses)."""
     texts = traces["response"].to_list()
-    cut = [segment_fn(text) for text in texts]
+    n = len(texts)
+    cut = []
+    for k, text in enumerate(texts, 1):
+        cut.append(segment_fn(text))
+        if progress and (k % 1000 == 0 or k == n):
+            progress(k, 2 * n)
     spans: list[list[tuple[int, int]]] = [list(c[0]) for c in cut]
     many = [i for i, sp in enumerate(spans) if len(sp) > 1]  # one step needs no merging
     for lo, hi in text_blocks([texts[i] for i in many]):
         block = many[lo:hi]
         for i, (_, starts) in zip(block, tokenize_many(tokenizer, [texts[i] for i in block])):
             spans[i] = merge_unscored_steps(tokenizer, texts[i], spans[i], starts=starts)
+        if progress:
+            progress(n + (n - len(many)) + hi, 2 * n)
+    if progress and n:
+        progress(2 * n, 2 * n)
     return steps_from_spans(traces, spans, [c[1] for c in cut])
 
 

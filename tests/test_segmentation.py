@@ -404,3 +404,19 @@ def test_pathological_dollars_are_fast():
     t0 = time.perf_counter()
     check_tiling(text, segment_sentence(text))
     assert time.perf_counter() - t0 < 0.5
+
+
+def test_segment_traces_reports_progress_to_the_end(smol_tokenizer):
+    import polars as pl
+
+    from lalp_resources.method.segmentation import segment
+    from lalp_resources.pipeline import segment_traces
+
+    n = 2500  # more than one report per pass
+    traces = pl.DataFrame({"response_id": [f"r{i}" for i in range(n)], "prompt_id": ["p"] * n, "teacher": ["t"] * n,
+                           "response": [f"Step one {i}.\n\nStep two.\n\nSo 4." if i % 2 else f"Only {i}." for i in range(n)]})
+    seen: list[tuple[int, int]] = []
+    steps = segment_traces(traces, lambda text: (segment(text, "paragraph"), None), smol_tokenizer, progress=lambda d, t: seen.append((d, t)))
+    assert steps["response_id"].n_unique() == n
+    assert seen[-1] == (2 * n, 2 * n) and all(t == 2 * n for _, t in seen)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) >= 4
