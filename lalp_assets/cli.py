@@ -358,7 +358,8 @@ def _settings(args) -> Settings:
 # --- parser -----------------------------------------------------------------------------------
 
 
-FORMATS = ["auto", "canonical", "messages", "zeroeval", "champ"]
+# lalp_resources.adapters.FORMATS, spelled out so that `lalp --help` does not import the adapters
+FORMATS = ["auto", "canonical", "messages", "sharegpt", "alpaca", "zeroeval", "champ"]
 CONTROL_HELP = ("rows holding the student's control-token strings (<|im_end|>, ...): quarantine (default) or keep "
                 "them as plain text (LALP_CONTROL_TOKENS)")
 

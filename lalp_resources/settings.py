@@ -54,7 +54,7 @@ class Settings:
     inbox: str = field(default="", metadata=_meta(
         "LALP_INBOX", "folder watched by `inbox_sensor` (default `<DAGSTER_HOME>/inbox`)"))
     source_format: str = field(default="auto", metadata=_meta(
-        "LALP_FORMAT", "`auto`, `canonical`, `messages`, `zeroeval`, `champ`"))
+        "LALP_FORMAT", "`auto`, `canonical`, `messages`, `sharegpt`, `alpaca`, `zeroeval`, `champ`"))
     teacher_mode: str = field(default="model", metadata=_meta(
         "LALP_TEACHER_MODE", "`model+setting` makes each CHAMP model+prompt setting a teacher"))
     max_prompt_chars: int = field(default=100_000, metadata=_meta(
