@@ -246,7 +246,9 @@ def cmd_run(args) -> int:
     print(ranking_markdown(rk))
     print("\n" + ranking_verdict(rk))
     print("\nCurated set teacher mix: " + ", ".join(f"{t}: {n}" for t, n in mix.iter_rows()))
-    print(f"Curated SFT data: {Path(settings.exports) / 'curated_sft.jsonl'} (and .parquet)")
+    from lalp_resources.objectstore import join
+
+    print(f"Curated SFT data: {join(settings.exports, 'curated_sft.jsonl')} (and .parquet)")
     print(f"Warehouse: {settings.warehouse}; open the UI with: make ui   ({time.perf_counter() - t0:.0f}s)")
     return 0
 

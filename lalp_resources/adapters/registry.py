@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Callable, Iterable
 
+from lalp_resources import objectstore
 from lalp_resources.adapters.alpaca import read_alpaca
 from lalp_resources.adapters.canonical import read_canonical
 from lalp_resources.adapters.champ import champ_path, is_champ_spec, read_champ
@@ -144,11 +145,12 @@ def detect_format(source: str | Path) -> str:
 
 
 def expand_sources(sources: Iterable[str | Path] | str | Path) -> list[str]:
-    """Source specs -> the items to read, in order: a file as given; a folder as the files of its
+    """Source specs -> the items to read, in order: a file (or an object, ``s3://...``) as given; a folder as the files of its
     Hugging Face dataset layout (a ``save_to_disk`` folder, a hub download's ``data/`` shards),
     else its ``*.json`` / ``*.jsonl`` / ``*.parquet`` / ``*.arrow`` files, sorted (``summary.json``
     and the datasets' metadata files skipped; see :mod:`.hf`); the CHAMP spec (``"champ"`` /
-    ``"champ:v0"``) as is.
+    ``"champ:v0"``) as is. An object-store prefix (``s3://bucket/prefix``) is expanded as a folder
+    (:mod:`lalp_resources.objectstore`).
 
     A path that does not exist raises FileNotFoundError and a folder without input files
     raises ConfigError (a ValueError): both are configuration mistakes, caught here rather than read as data.
@@ -159,6 +161,15 @@ def expand_sources(sources: Iterable[str | Path] | str | Path) -> list[str]:
     for src in sources:
         if is_champ_spec(src):
             items.append(str(src))
+            continue
+        if objectstore.is_remote(src):
+            found = objectstore.expand(str(src), expand_folder)
+            if found is None:
+                raise FileNotFoundError(errno.ENOENT, f"trace source not found: {src}", str(src))
+            if not found:
+                raise ConfigError(f"{src} holds no *.json / *.jsonl / *.parquet / *.arrow object "
+                                  "(nor a Hugging Face dataset layout)")
+            items.extend(found)
             continue
         path = Path(src)
         if path.is_dir():
@@ -180,6 +191,8 @@ def item_path(item: str | Path) -> Path:
 
 
 def file_sha256(item: str | Path) -> str:
-    """sha256 of the bytes of an item's file (the packaged CHAMP file for the CHAMP spec),
-    streamed. Raises OSError when the file cannot be read (:func:`read_one` quarantines it)."""
+    """sha256 of the bytes of an item's file or object (the packaged CHAMP file for the CHAMP
+    spec), streamed. Raises OSError when it cannot be read (:func:`read_one` quarantines it)."""
+    if objectstore.is_remote(item):
+        return objectstore.sha256(str(item))
     return sha256_file(item_path(item))
