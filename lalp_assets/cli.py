@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = r.add_mutually_exclusive_group()
     g.add_argument("--all", action="store_true", help="score every prompt (default: LALP_MAX_PROMPTS, 5)")
     g.add_argument("--max-prompts", type=int, help="score this many prompts (0 = all)")
-    r.add_argument("--source", action="append", help="trace source (file, folder, or 'champ'); repeatable")
+    r.add_argument("--source", action="append", help="trace source (file, folder, s3:// prefix, or 'champ'); repeatable")
     r.add_argument("--control-tokens", choices=["quarantine", "keep"], help=CONTROL_HELP)
     r.set_defaults(fn=cmd_run)
 

@@ -240,6 +240,7 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer):
     return save_tiny_student(tmp_path_factory.mktemp("tiny_student"), smol_tokenizer, seed=3)
 
 
+@pytest.mark.slow  # the whole graph with a tiny student: ~45 s on a shared 2-core machine
 def test_sources_and_exports_in_s3_through_the_graph(s3, tmp_path, monkeypatch, tiny_model_dir):
     """Traces read from an S3 prefix, the graph run, and the curated set written under an S3
     prefix: JSONL, Parquet, the HF dataset folder and the report."""
