@@ -224,6 +224,7 @@ def test_dataset_names():
     cache = "/root/.cache/huggingface/hub/datasets--bespokelabs--Bespoke-Stratos-17k/snapshots/abc123"
     assert dataset_name(P(f"{cache}/data/train-00000-of-00001.parquet"), local=False) == "Bespoke-Stratos-17k"
     assert dataset_name(P("/x/gpt-4o.jsonl"), local=False) == "gpt-4o"
+    assert dataset_name(P("/home/me/data/gpt-4o.jsonl"), local=False) == "gpt-4o"  # not a hub shard
 
 
 def test_a_truncated_arrow_shard_is_one_quarantine_row(tmp_path):

@@ -14,7 +14,8 @@ Layouts recognised in a source folder, in this order:
 * any other folder: its own ``*.json`` / ``*.jsonl`` / ``*.parquet`` / ``*.arrow`` files, sorted.
 
 The dataset a file belongs to names its rows' teacher when the rows do not (ShareGPT, Alpaca):
-the folder above ``data/``, the ``save_to_disk`` folder, or the hub cache's repository name.
+the folder above ``data/`` (for a shard named after its split), the ``save_to_disk`` folder, or
+the hub cache's repository name; else the file's stem.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ INPUT_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow")
 SKIP_IN_FOLDER = {"summary.json", "dataset_info.json", "dataset_infos.json", "state.json", "dataset_dict.json"}
 SPLIT_NAMES = {"train", "test", "validation", "valid", "dev", "eval"}
 _ARROW_SHARD = re.compile(r"data-\d+-of-\d+\.arrow$")
+# a hub shard is named after its split: train-00000-of-00002.parquet, test.jsonl, ...
+_HUB_SHARD = re.compile(r"^(?:train|test|validation|valid|dev|eval)(?:[-_.]|$)")
 _HUB_CACHE_REPO = re.compile(r"datasets--(?:[^/]+--)?(?P<name>[^/]+)$")
 
 
@@ -112,9 +115,10 @@ def dataset_root(path: PurePath, local: bool) -> PurePath | None:
         if (local and Path(above, "dataset_dict.json").is_file()) or (not local and root.name in SPLIT_NAMES):
             root = above
         return _named(root)
-    for anc in parents[:3]:
-        if anc.name == "data" and anc.parent != anc:
-            return _named(anc.parent)
+    if _HUB_SHARD.match(path.name):  # (a plain file that happens to sit in a `data` folder keeps its own name)
+        for anc in parents[:3]:
+            if anc.name == "data" and anc.parent != anc:
+                return _named(anc.parent)
     return None
 
 
