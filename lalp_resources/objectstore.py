@@ -4,8 +4,9 @@ URL fsspec reads: `gs://`, `az://`, ... once its package is installed).
 Where the store is and who we are come from the standard AWS configuration: the variables in
 `lalp_resources.settings.OBJECT_STORE_VARIABLES` (`AWS_ENDPOINT_URL` for an S3-compatible store on
 premises, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`), read
-when an object is opened, and otherwise botocore's own chain (`~/.aws/`, instance roles). None of
-them is a `Settings` field, so no credential reaches the resource config that the UI shows.
+when an object is opened; for s3fs, what they leave unset is botocore's own chain (`~/.aws/`,
+instance roles), for DuckLake's data (DuckDB's httpfs) the variables alone. None of them is a
+`Settings` field, so no credential reaches the resource config that the UI shows.
 
 An object is named by its URL. Its version is its ETag (for S3; GCS's and Azure's etags too): the
 ingest ledger and the inbox sensor key an object by (size, ETag) where they key a file by (size,
@@ -271,23 +272,14 @@ def _sql_str(s: str) -> str:
 
 
 def duckdb_s3_secret() -> str | None:
-    """`CREATE SECRET` for DuckDB's httpfs from the same configuration s3fs uses (the variables,
-    else botocore's credential chain), so DuckLake can keep its Parquet files under `s3://`. None
-    when there are no credentials to give (DuckDB then reads public buckets anonymously)."""
+    """`CREATE SECRET` for DuckDB's httpfs from the AWS variables, so DuckLake can keep its Parquet
+    files under `s3://`. None when none is set (DuckDB then reads public buckets anonymously).
+    Only the variables: asking botocore's chain here could reach for an instance-metadata service
+    on a machine that has none, every time a catalog is attached."""
     from lalp_resources.settings import object_store_env
 
     env = object_store_env()
     key, secret, token = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"), env.get("AWS_SESSION_TOKEN")
-    if not (key and secret):
-        try:
-            import botocore.session
-
-            creds = botocore.session.get_session().get_credentials()
-        except Exception:  # noqa: BLE001 - no botocore or no configuration: anonymous
-            creds = None
-        if creds is not None:
-            frozen = creds.get_frozen_credentials()
-            key, secret, token = frozen.access_key, frozen.secret_key, frozen.token
     endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
     if not (key and secret) and not endpoint:
