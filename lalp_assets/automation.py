@@ -1,9 +1,10 @@
 """Jobs, sensors, schedules and the automation sensor, built from the settings.
 
-- `inbox_sensor` watches the inbox folder. A file is taken only once it is stable: the same size
-  and mtime on two consecutive ticks (and older than `LALP_INBOX_SETTLE_S`), so a file still
-  being copied is never read half-written; writing to a temporary name and renaming into the
-  inbox is the fastest convention. It registers new teachers as partitions and requests runs for
+- `inbox_sensor` watches the inbox folder (or `s3://` prefix). A file is taken only once it is
+  stable: the same size and mtime (an object: size and ETag) on two consecutive ticks (and older
+  than `LALP_INBOX_SETTLE_S`), so a file still being copied is never read half-written; writing
+  to a temporary name and renaming into the inbox is the fastest convention. An object is whole
+  once it is listed (a multipart upload shows only when completed). It registers new teachers as partitions and requests runs for
   the teachers of new or changed files, including teachers a changed file no longer holds.
 - `rescore_schedule` re-scores every teacher periodically; with the score cache only windows
   never seen before reach the model.
@@ -13,6 +14,7 @@
 """
 
 
+import contextlib
 import hashlib
 import json
 import time
@@ -20,7 +22,7 @@ import time
 import dagster as dg
 
 from lalp_assets.partitions import teacher_partitions
-from lalp_resources import adapters
+from lalp_resources import adapters, objectstore
 from lalp_resources.resources import TraceSourcesResource
 from lalp_resources.settings import Settings
 
@@ -85,34 +87,32 @@ def build_inbox_sensor(job) -> dg.SensorDefinition:
         cursor = json.loads(context.cursor) if context.cursor else {}
         done, seen_stats = cursor.get("done", {}), cursor.get("observed", {})
         now = time.time()
-        stats = {}
-        for f in trace_sources.inbox_files():
-            try:
-                st = f.stat()
-            except OSError:
-                continue  # vanished between listing and stat
-            stats[str(f)] = (st.st_size, st.st_mtime_ns, now - st.st_mtime_ns / 1e9)
+        stats = trace_sources.inbox_stats()
         stable, observed = stable_files(stats, seen_stats, trace_sources.inbox_settle_s, now)
-        changed = {}
+        changed, teachers_now = {}, {}
         for path in stable:
             if done.get(path, {}).get("stat") == observed[path]:
                 continue
-            digest = _digest(path)
-            if done.get(path, {}).get("sha") != digest:
-                changed[path] = digest
-            else:
-                done[path]["stat"] = observed[path]
+            with contextlib.ExitStack() as held:
+                try:
+                    local = held.enter_context(objectstore.local_copy(path))[0] if objectstore.is_remote(path) else None
+                    digest = _digest(str(local or path))
+                except (OSError, RuntimeError):
+                    continue  # vanished or unreadable now: looked at again next tick
+                if done.get(path, {}).get("sha") != digest:
+                    changed[path] = digest
+                    # read_one never raises on a bad file (it becomes a quarantine row when the run ingests it)
+                    part = adapters.read_one(path, trace_sources.format, teacher_mode=trace_sources.teacher_mode,
+                                             limits=trace_sources.limits(), local=local)
+                    teachers_now[path] = sorted(part.traces["teacher"].unique().to_list())
+                else:
+                    done[path]["stat"] = observed[path]
         waiting = sorted(set(stats) - set(stable))
         new_cursor = {"done": done, "observed": observed}
         if not changed:
             note = f"; waiting for {len(waiting)} file(s) to stop changing" if waiting else ""
             return dg.SensorResult(skip_reason=f"no new or changed stable files in {trace_sources.inbox or '(no inbox)'}{note}",
                                    cursor=json.dumps(new_cursor))
-        teachers_now = {}
-        for p in list(changed):
-            # read_one never raises on a bad file (it becomes a quarantine row when the run ingests it)
-            part = adapters.read_one(p, trace_sources.format, teacher_mode=trace_sources.teacher_mode, limits=trace_sources.limits())
-            teachers_now[p] = sorted(part.traces["teacher"].unique().to_list())
         affected = sorted({t for p in changed for t in teachers_now[p] + done.get(p, {}).get("teachers", [])})
         for p, digest in changed.items():
             done[p] = {"sha": digest, "stat": observed[p], "teachers": teachers_now[p]}

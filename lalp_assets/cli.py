@@ -246,7 +246,9 @@ def cmd_run(args) -> int:
     print(ranking_markdown(rk))
     print("\n" + ranking_verdict(rk))
     print("\nCurated set teacher mix: " + ", ".join(f"{t}: {n}" for t, n in mix.iter_rows()))
-    print(f"Curated SFT data: {Path(settings.exports) / 'curated_sft.jsonl'} (and .parquet)")
+    from lalp_resources.objectstore import join
+
+    print(f"Curated SFT data: {join(settings.exports, 'curated_sft.jsonl')} (and .parquet)")
     print(f"Warehouse: {settings.warehouse}; open the UI with: make ui   ({time.perf_counter() - t0:.0f}s)")
     return 0
 
@@ -358,7 +360,8 @@ def _settings(args) -> Settings:
 # --- parser -----------------------------------------------------------------------------------
 
 
-FORMATS = ["auto", "canonical", "messages", "zeroeval", "champ"]
+# lalp_resources.adapters.FORMATS, spelled out so that `lalp --help` does not import the adapters
+FORMATS = ["auto", "canonical", "messages", "sharegpt", "alpaca", "zeroeval", "champ"]
 CONTROL_HELP = ("rows holding the student's control-token strings (<|im_end|>, ...): quarantine (default) or keep "
                 "them as plain text (LALP_CONTROL_TOKENS)")
 
@@ -372,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = r.add_mutually_exclusive_group()
     g.add_argument("--all", action="store_true", help="score every prompt (default: LALP_MAX_PROMPTS, 5)")
     g.add_argument("--max-prompts", type=int, help="score this many prompts (0 = all)")
-    r.add_argument("--source", action="append", help="trace source (file, folder, or 'champ'); repeatable")
+    r.add_argument("--source", action="append", help="trace source (file, folder, s3:// prefix, or 'champ'); repeatable")
     r.add_argument("--control-tokens", choices=["quarantine", "keep"], help=CONTROL_HELP)
     r.set_defaults(fn=cmd_run)
 

@@ -12,6 +12,7 @@ import polars as pl
 from lalp_assets.metadata import check_result, table_metadata
 from lalp_assets.versions import curated_version, ensure_version
 from lalp_resources import expectations as gx_suites
+from lalp_resources import objectstore
 from lalp_resources.markdown import markdown_table
 from lalp_resources.method.aggregation import select_responses, sft_messages
 from lalp_resources.report import md_image, mix_plot, write_report
@@ -132,11 +133,15 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
         mix_picture = md_image(mix_plot(mix), "teacher mix")
         control = control_token_counts(curated, cand, control_quarantined, settings.control_tokens,
                                        strings or list(control_strings(student.tokenizer(), settings.template)))
-        report = write_report(
-            Path(settings.exports) / "report", rk, steps, mix, decisions,
-            cfg.row(0, named=True) if cfg.height == 1 else {"configs": cfg.height}, control=control,
-        )
-        paths = export_curated(curated, Path(settings.exports))
+        # an `s3://` LALP_EXPORTS: written to a local folder, then uploaded under the prefix
+        with objectstore.output_folder(settings.exports) as out:
+            report = write_report(
+                out / "report", rk, steps, mix, decisions,
+                cfg.row(0, named=True) if cfg.height == 1 else {"configs": cfg.height}, control=control,
+            )
+            paths = export_curated(curated, out)
+        paths = {k: objectstore.join(settings.exports, Path(v).relative_to(out).as_posix()) for k, v in paths.items()}
+        report = objectstore.join(settings.exports, report.relative_to(out).as_posix())
         def replace(con):
             for table, frame in (("curated_sft_dataset", curated),
                                  ("selection_decisions", decisions.with_columns(pl.lit(run_id).alias("select_run_id")))):
@@ -155,7 +160,7 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
                 **{f"control_tokens_{k}": v for k, v in control.items()},
                 teacher_mix_plot=dg.MetadataValue.md(mix_picture),
                 jsonl=dg.MetadataValue.path(paths["jsonl"]), parquet=dg.MetadataValue.path(paths["parquet"]),
-                hf_dataset=dg.MetadataValue.path(paths["hf_dataset"]), report=dg.MetadataValue.path(str(report)),
+                hf_dataset=dg.MetadataValue.path(paths["hf_dataset"]), report=dg.MetadataValue.path(report),
             )
         )
         yield check_result("one_row_per_prompt_traceable", gx_suites.curated_suite(curated, raw_ids))

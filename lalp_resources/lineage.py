@@ -11,7 +11,14 @@ from lalp_resources.warehouse import Warehouse, query
 
 
 def _file_sha256(uri: str) -> str | None:
-    """Current hash of a local input file, to show whether it still matches what was ingested."""
+    """Current hash of a local input file (or object), to show whether it still matches what was ingested."""
+    from lalp_resources import objectstore
+
+    if objectstore.is_remote(uri):
+        try:
+            return objectstore.sha256(uri)
+        except (OSError, RuntimeError, ValueError):
+            return None
     if not uri.startswith("file://"):
         return None
     path = Path(unquote(urlparse(uri).path))

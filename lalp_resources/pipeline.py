@@ -9,6 +9,7 @@ LALP and GALP are aggregated in one place, `aggregate_responses`. No Dagster imp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Callable, Iterable, Sequence
 
 import polars as pl
 
-from lalp_resources import adapters
+from lalp_resources import adapters, objectstore
 from lalp_resources.method.aggregation import (  # noqa: F401
     lalp_from_steps,
     rank_teachers,
@@ -262,6 +263,11 @@ class FileVersion:
 
 
 def file_stat(item: str) -> tuple[int, int] | None:
+    """What says a source changed without reading it: (size, mtime_ns) of a file; (size, ETag
+    stamp) of an object (`ObjectInfo.stamp`: an object's mtime is when it was uploaded, not what
+    it holds). None when it cannot be seen."""
+    if objectstore.is_remote(item):
+        return objectstore.stat(item)
     p = Path(item)
     try:
         st = p.stat()
@@ -283,17 +289,23 @@ def _file_uri(item: str, result: adapters.IngestResult) -> str:
     for frame in (result.traces, result.quarantine):
         if frame.height and frame["source_uri"][0]:
             return frame["source_uri"][0]
+    if objectstore.is_remote(item):
+        return item
     p = Path(item)
     return p.resolve().as_uri() if p.exists() else item
 
 
-def sync_sources(wh, items: Sequence[str], read: Callable[[str], adapters.IngestResult], sha_of: Callable[[str], str],
+def sync_sources(wh, items: Sequence[str], read: Callable[..., adapters.IngestResult], sha_of: Callable[[str], str],
                  run_id: str, fmt: str, log=None) -> list[FileVersion]:
     """Bring the warehouse's parsed copy of each source file up to date, reading each file at
     most once per content hash: a file whose size and mtime are unchanged is not even hashed, and
     content parsed before (by any run, for any teacher) is reused from `source_traces`. A changed
-    file's quarantine rows supersede those of its older content."""
-    from lalp_resources.warehouse import insert, query, run_transaction
+    file's quarantine rows supersede those of its older content.
+
+    An object (`s3://...`) is keyed by (size, ETag) instead of (size, mtime); when that is new it
+    is downloaded once, hashed and, if its content is new, read from that copy (`read(item,
+    local=copy)`), so the hash, the rows and the recorded version all belong to the same bytes."""
+    from lalp_resources.warehouse import query
 
     with wh.connect() as con:  # the first write of a fresh warehouse creates it
         known = query(con, "SELECT item, source_uri, source_sha256, size, mtime_ns, n_read, n_accepted, n_quarantined, teachers "
@@ -302,48 +314,64 @@ def sync_sources(wh, items: Sequence[str], read: Callable[[str], adapters.Ingest
     by_sha = {r["source_sha256"]: r for r in known.iter_rows(named=True)}
     out: list[FileVersion] = []
     for item in items:
-        stat = file_stat(item)
-        memo = by_stat.get((item, *stat)) if stat else None
-        try:
-            sha = memo["source_sha256"] if memo else sha_of(item)
-        except OSError as e:  # vanished or unreadable: read_one turns it into a quarantine row
-            sha = hashlib.sha256(f"unreadable:{item}:{type(e).__name__}".encode()).hexdigest()
-        if sha in by_sha:
-            r = by_sha[sha]
-            fv = FileVersion(item, r["source_uri"], sha, False, r["n_read"], r["n_accepted"], r["n_quarantined"],
-                             tuple(json.loads(r["teachers"])))
-            if not memo and stat:  # same content, new mtime (touched or copied): remember the stat
-                with wh.connect() as con:
-                    insert(con, "source_files", ledger_frame(fv, stat, run_id, fmt))
-            out.append(fv)
-            continue
-        res = read(item)
-        uri = _file_uri(item, res)
-        s = res.summary()
-        fv = FileVersion(item, uri, sha, True, s["read"], s["accepted"], s["quarantined"],
-                         tuple(sorted(res.traces["teacher"].unique().to_list())))
-        now = utcnow()
-
-        def write(con):
-            # the file's older content and its quarantine rows are superseded; a concurrent run
-            # that parsed the same content first is replaced by the same rows (idempotent)
-            con.execute("DELETE FROM source_traces WHERE source_uri = ? AND source_sha256 <> ?", [uri, sha])
-            con.execute("DELETE FROM quarantine WHERE source_uri = ? AND coalesce(stage, 'read') = 'read'", [uri])
-            con.execute("DELETE FROM source_files WHERE source_sha256 = ?", [sha])
-            con.execute("DELETE FROM source_traces WHERE source_sha256 = ?", [sha])
-            insert(con, "source_traces", res.traces.with_columns(pl.lit(run_id).alias("read_run_id")))
-            insert(con, "quarantine", res.quarantine.with_columns(
-                pl.lit("read").alias("stage"), pl.lit(run_id).alias("ingest_run_id"), pl.lit(now).alias("quarantined_at")))
-            insert(con, "source_files", ledger_frame(fv, stat, run_id, fmt))
-
-        with wh.connect() as con:
-            run_transaction(con, lambda: write(con))
-        if log:
-            log(f"read {item}: {s['read']} rows = {s['accepted']} accepted + {s['quarantined']} quarantined")
-        by_sha[sha] = {"source_uri": uri, "n_read": fv.n_read, "n_accepted": fv.n_accepted,
-                       "n_quarantined": fv.n_quarantined, "teachers": json.dumps(list(fv.teachers))}
-        out.append(fv)
+        with contextlib.ExitStack() as held:
+            out.append(_sync_one(wh, item, read, sha_of, run_id, fmt, log, held, by_stat, by_sha))
     return out
+
+
+def _sync_one(wh, item, read, sha_of, run_id, fmt, log, held, by_stat, by_sha) -> FileVersion:
+    """One source of `sync_sources`; `held` keeps an object's local copy until the item is done."""
+    from lalp_resources.warehouse import insert, run_transaction
+
+    stat = file_stat(item)
+    memo = by_stat.get((item, *stat)) if stat else None
+    local = None
+    try:
+        if memo:
+            sha = memo["source_sha256"]
+        elif objectstore.is_remote(item):
+            local, obj = held.enter_context(objectstore.local_copy(item))
+            stat = (obj.size, obj.stamp)  # the version of the bytes downloaded
+            sha = adapters.common.sha256_file(local)
+        else:
+            sha = sha_of(item)
+    except (OSError, RuntimeError) as e:  # vanished or unreadable: read_one turns it into a quarantine row
+        sha = hashlib.sha256(f"unreadable:{item}:{type(e).__name__}".encode()).hexdigest()
+        local = None
+    if sha in by_sha:
+        r = by_sha[sha]
+        fv = FileVersion(item, r["source_uri"], sha, False, r["n_read"], r["n_accepted"], r["n_quarantined"],
+                         tuple(json.loads(r["teachers"])))
+        if not memo and stat:  # same content, new mtime (touched or copied): remember the stat
+            with wh.connect() as con:
+                insert(con, "source_files", ledger_frame(fv, stat, run_id, fmt))
+        return fv
+    res = read(item, local=local) if local is not None else read(item)
+    uri = _file_uri(item, res)
+    s = res.summary()
+    fv = FileVersion(item, uri, sha, True, s["read"], s["accepted"], s["quarantined"],
+                     tuple(sorted(res.traces["teacher"].unique().to_list())))
+    now = utcnow()
+
+    def write(con):
+        # the file's older content and its quarantine rows are superseded; a concurrent run
+        # that parsed the same content first is replaced by the same rows (idempotent)
+        con.execute("DELETE FROM source_traces WHERE source_uri = ? AND source_sha256 <> ?", [uri, sha])
+        con.execute("DELETE FROM quarantine WHERE source_uri = ? AND coalesce(stage, 'read') = 'read'", [uri])
+        con.execute("DELETE FROM source_files WHERE source_sha256 = ?", [sha])
+        con.execute("DELETE FROM source_traces WHERE source_sha256 = ?", [sha])
+        insert(con, "source_traces", res.traces.with_columns(pl.lit(run_id).alias("read_run_id")))
+        insert(con, "quarantine", res.quarantine.with_columns(
+            pl.lit("read").alias("stage"), pl.lit(run_id).alias("ingest_run_id"), pl.lit(now).alias("quarantined_at")))
+        insert(con, "source_files", ledger_frame(fv, stat, run_id, fmt))
+
+    with wh.connect() as con:
+        run_transaction(con, lambda: write(con))
+    if log:
+        log(f"read {item}: {s['read']} rows = {s['accepted']} accepted + {s['quarantined']} quarantined")
+    by_sha[sha] = {"source_uri": uri, "n_read": fv.n_read, "n_accepted": fv.n_accepted,
+                   "n_quarantined": fv.n_quarantined, "teachers": json.dumps(list(fv.teachers))}
+    return fv
 
 
 def assemble_traces(wh, files: Sequence[FileVersion], teachers: Sequence[str]) -> tuple[pl.DataFrame, pl.DataFrame]:

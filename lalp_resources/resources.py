@@ -7,13 +7,15 @@ field from `Settings`, the one place that declares defaults.
 from __future__ import annotations
 
 import functools
+import stat
+import time
 from pathlib import Path
 from typing import Callable
 
 import dagster as dg
 from pydantic import PrivateAttr
 
-from lalp_resources import adapters
+from lalp_resources import adapters, objectstore
 from lalp_resources.warehouse import Warehouse
 
 INBOX_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -95,8 +97,9 @@ class PipelineSettingsResource(dg.ConfigurableResource):
 
 
 class TraceSourcesResource(dg.ConfigurableResource):
-    """Where teacher traces come from: configured sources (files, folders, or `champ` for the
-    embedded CHAMP package) plus every file dropped in the inbox folder."""
+    """Where teacher traces come from: configured sources (files, folders, object-store URLs, or
+    `champ` for the embedded CHAMP package) plus every file dropped in the inbox (a folder or an
+    `s3://` prefix)."""
 
     sources: list[str]
     inbox: str
@@ -114,16 +117,40 @@ class TraceSourcesResource(dg.ConfigurableResource):
             max_teacher_chars=self.max_teacher_chars, max_prompt_id_chars=self.max_prompt_id_chars,
         )
 
-    def inbox_files(self) -> list[Path]:
-        if not self.inbox or not Path(self.inbox).is_dir():
-            return []
-        return sorted(p for p in Path(self.inbox).iterdir() if p.suffix in INBOX_SUFFIXES and p.is_file())
+    def inbox_stats(self) -> dict[str, tuple[int, int, float]]:
+        """The inbox's trace files (objects, for an `s3://` inbox) -> (size, version, age in
+        seconds): the version is the mtime of a file, the ETag stamp of an object
+        (`lalp_resources.objectstore.ObjectInfo.stamp`). A file that vanished while listed is left out."""
+        if not self.inbox:
+            return {}
+        now = time.time()
+        if objectstore.is_remote(self.inbox):
+            return {o.url: (o.size, o.stamp, now - o.mtime_s if o.mtime_s is not None else 0.0)
+                    for o in objectstore.list_folder(self.inbox, INBOX_SUFFIXES)}
+        if not Path(self.inbox).is_dir():
+            return {}
+        out = {}
+        for p in sorted(Path(self.inbox).iterdir()):
+            if p.suffix not in INBOX_SUFFIXES:
+                continue
+            try:
+                st = p.stat()
+            except OSError:
+                continue  # vanished between listing and stat
+            if stat.S_ISREG(st.st_mode):
+                out[str(p)] = (st.st_size, st.st_mtime_ns, now - st.st_mtime_ns / 1e9)
+        return out
+
+    def inbox_files(self) -> list[str]:
+        return list(self.inbox_stats())
 
     def all_sources(self) -> list[str]:
-        return list(self.sources) + [str(p) for p in self.inbox_files()]
+        return list(self.sources) + self.inbox_files()
 
-    def read_one(self, item: str) -> adapters.IngestResult:
-        return adapters.finish([adapters.read_one(item, self.format, teacher_mode=self.teacher_mode, limits=self.limits())])
+    def read_one(self, item: str, local: Path | None = None) -> adapters.IngestResult:
+        """One source item; `local`: an object's copy, downloaded already."""
+        return adapters.finish([adapters.read_one(item, self.format, teacher_mode=self.teacher_mode, limits=self.limits(),
+                                                  local=local)])
 
     def ingest(self, sources: list[str] | None = None) -> adapters.IngestResult:
         return adapters.ingest(

@@ -45,16 +45,18 @@ class Settings:
     warehouse_lock_timeout_s: float = field(default=120.0, metadata=_meta(
         "LALP_WAREHOUSE_LOCK_TIMEOUT", "seconds to wait for another process's DuckDB write lock"))
     exports: str = field(default="", metadata=_meta(
-        "LALP_EXPORTS", "curated JSONL / Parquet / HF dataset output folder (default `<DAGSTER_HOME>/exports`)"))
+        "LALP_EXPORTS", "curated JSONL / Parquet / HF dataset output folder, or an object-store prefix `s3://bucket/prefix` "
+        "(default `<DAGSTER_HOME>/exports`)"))
     cache_dir: str = field(default=str(Path.home() / ".cache" / "lalp"), metadata=_meta(
         "LALP_CACHE_DIR", "where a GGUF student, de-quantised once, is kept"))
     # -- sources
     sources: tuple[str, ...] = field(default=("champ",), metadata=_meta(
-        "LALP_SOURCES", "comma-separated trace sources (files, folders, `champ`)"))
+        "LALP_SOURCES", "comma-separated trace sources (files, folders, Hugging Face dataset folders, object-store "
+        "URLs `s3://bucket/prefix`, `champ`)"))
     inbox: str = field(default="", metadata=_meta(
-        "LALP_INBOX", "folder watched by `inbox_sensor` (default `<DAGSTER_HOME>/inbox`)"))
+        "LALP_INBOX", "folder or object-store prefix watched by `inbox_sensor` (default `<DAGSTER_HOME>/inbox`)"))
     source_format: str = field(default="auto", metadata=_meta(
-        "LALP_FORMAT", "`auto`, `canonical`, `messages`, `zeroeval`, `champ`"))
+        "LALP_FORMAT", "`auto`, `canonical`, `messages`, `sharegpt`, `alpaca`, `zeroeval`, `champ`"))
     teacher_mode: str = field(default="model", metadata=_meta(
         "LALP_TEACHER_MODE", "`model+setting` makes each CHAMP model+prompt setting a teacher"))
     max_prompt_chars: int = field(default=100_000, metadata=_meta(
@@ -73,7 +75,7 @@ class Settings:
         "LALP_CONTROL_TOKENS", "prompts or responses holding the student's control-token strings (`<|im_end|>`, ...): "
         "`quarantine` (not scored, a quarantine row names the token) or `keep` (scored, and exported, as plain text)"))
     inbox_settle_s: float = field(default=0.0, metadata=_meta(
-        "LALP_INBOX_SETTLE_S", "a file must also be this many seconds old (beyond two equal sensor ticks) to be read"))
+        "LALP_INBOX_SETTLE_S", "a file (object) must also be this many seconds old (beyond two equal sensor ticks) to be read"))
     # -- scoring
     max_prompts: int = field(default=5, metadata=_meta(
         "LALP_MAX_PROMPTS", "prompts sampled for scoring (deterministic by hash); `0` = all"))
@@ -180,6 +182,19 @@ class Settings:
         for f in dataclasses.fields(cls):
             out.append((f.metadata["env"], f.default, f.metadata["doc"]))
         return out
+
+
+# The standard AWS variables an object store (`s3://...` sources, inbox, exports, DuckLake data) is
+# reached with. They are read when an object is opened (lalp_resources/objectstore.py) and never
+# become `Settings` fields: credentials must not travel in the resource config the UI shows.
+OBJECT_STORE_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                          "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def object_store_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The object-store variables that are set (empty ones left out)."""
+    env = os.environ if environ is None else environ
+    return {k: env[k] for k in OBJECT_STORE_VARIABLES if env.get(k)}
 
 
 def _parse(f: dataclasses.Field, raw: str):

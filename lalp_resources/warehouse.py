@@ -40,8 +40,10 @@ they raise `WarehouseMissing` (a FileNotFoundError naming LALP_WAREHOUSE); a wri
 creates the warehouse and its tables. On DuckLake-on-PostgreSQL each process keeps one attached
 instance and hands out cursors (opening costs ~0.3 s once, then milliseconds).
 
-Frames go in and out as Polars via Arrow. Extensions are loaded from the `duckdb-extension-ducklake`
-and `duckdb-extension-postgres-scanner` wheels (pinned with duckdb); nothing is downloaded at run time.
+Frames go in and out as Polars via Arrow. Extensions are loaded from the `duckdb-extension-ducklake`,
+`duckdb-extension-postgres-scanner` and `duckdb-extension-httpfs` wheels (pinned with duckdb); nothing is
+downloaded at run time. A DuckLake data path may be an object-store prefix (`LALP_LAKE_DATA_PATH=s3://bucket/lake/`):
+httpfs reads and writes it, with an S3 secret made from the standard AWS variables when the catalog is attached.
 """
 
 from __future__ import annotations
@@ -315,11 +317,12 @@ def _sql_str(s: str) -> str:
 
 def extension_path(name: str) -> Path:
     """The extension shipped in the `duckdb-extension-<name>` wheel for this duckdb version."""
-    pkg = {"ducklake": "duckdb_extension_ducklake", "postgres_scanner": "duckdb_extension_postgres_scanner"}[name]
+    pkg = {"ducklake": "duckdb_extension_ducklake", "postgres_scanner": "duckdb_extension_postgres_scanner",
+           "httpfs": "duckdb_extension_httpfs"}[name]
     spec = importlib.util.find_spec(pkg)
     wheel = f"duckdb-extension-{name.replace('_', '-')}=={duckdb.__version__}"
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"DuckLake needs the {name} extension: pip install '{wheel}' (it is in pyproject.toml)")
+        raise RuntimeError(f"DuckLake needs the {name} extension here: pip install '{wheel}' (it is in pyproject.toml)")
     f = Path(list(spec.submodule_search_locations)[0]) / "extensions" / f"v{duckdb.__version__}" / f"{name}.duckdb_extension"
     if not f.is_file():
         raise RuntimeError(f"{f} is missing: the {name} extension wheel does not match duckdb {duckdb.__version__}; "
@@ -479,6 +482,8 @@ class Warehouse:
             if t.postgres:
                 con.execute(f"LOAD {_sql_str(str(extension_path('postgres_scanner')))}")
             con.execute(f"LOAD {_sql_str(str(extension_path('ducklake')))}")
+            if self._data_in_object_store():
+                _load_object_store(con)
             opts = []
             if t.data_path and not read_only:
                 opts.append(f"DATA_PATH {_sql_str(t.data_path)}")
@@ -492,10 +497,32 @@ class Warehouse:
             raise
         return con
 
+    def _data_in_object_store(self) -> bool:
+        """Whether DuckLake's Parquet files may be in an object store: the data path is a URL, or
+        (a PostgreSQL catalog opened without one) the catalog's own data path may be."""
+        from lalp_resources import objectstore
+
+        t = self.target
+        if t.data_path:
+            return objectstore.is_remote(t.data_path)
+        return t.postgres and importlib.util.find_spec("duckdb_extension_httpfs") is not None
+
     def read(self, sql: str, params: Sequence | None = None) -> pl.DataFrame:
         """One query on a read-only connection (a missing warehouse raises WarehouseMissing)."""
         with self.connect(read_only=True) as con:
             return query(con, sql, params)
+
+
+def _load_object_store(con) -> None:
+    """httpfs (from its wheel) and an S3 secret built from the standard AWS configuration
+    (`lalp_resources.objectstore.duckdb_s3_secret`): DuckLake data under `s3://`. The secret
+    lives in this in-memory instance only; nothing is written to disk or shown in settings."""
+    from lalp_resources import objectstore
+
+    con.execute(f"LOAD {_sql_str(str(extension_path('httpfs')))}")
+    secret = objectstore.duckdb_s3_secret()
+    if secret:
+        con.execute(secret)
 
 
 # ----------------------------------------------------------------------------- SQL helpers

@@ -1,6 +1,7 @@
 """A real cluster on one machine (issue 12): a throwaway PostgreSQL holds both the Dagster instance
 (dagster-postgres storage, rendered from dagster_home/deploy/dagster.yaml, the `gpu` pool at 2 slots)
-and the DuckLake catalog of the warehouse (Parquet data in a temp folder). The pipeline runs with
+and the DuckLake catalog of the warehouse, whose Parquet data is in an object store the processes
+share, as pods would (a loopback S3-compatible server, tests/s3.py; issue 19). The pipeline runs with
 LALP_SHARDS=2 on two teachers as separate processes, the way a cluster launches runs:
 
   1. ingest + segment both teachers (score_teachers_job),
@@ -18,7 +19,7 @@ duplicated, nothing missing, step and response scores within 1e-6, the same rank
 rows read = accepted + quarantined. From the instance: at most 2 scoring steps ran at once (the
 pool), the 4 shard runs overlapped, and exactly the two killed runs failed.
 
-No mocks: a real server on loopback, real DuckLake, real processes, a real SIGKILL. The student is
+No mocks: real servers on loopback, real DuckLake, real processes, a real SIGKILL. The student is
 a small random Llama saved as a local model dir. Skips with a message when PostgreSQL's server
 binaries are absent (.ci/run installs them)."""
 
@@ -39,6 +40,7 @@ import yaml
 
 from helpers import REPO, save_tiny_student, temp_dagster_home, write_traces
 from pg import postgres_or_skip, throwaway_postgres
+from s3 import s3_or_skip, throwaway_s3
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +59,14 @@ STEP_END = (dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE)
 def pg():
     postgres_or_skip()
     with throwaway_postgres() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def s3():
+    s3_or_skip()
+    with throwaway_s3() as server:
+        server.create_bucket("lalp-lake")
         yield server
 
 
@@ -247,7 +257,7 @@ def step_scores_metadata(instance, run_id: str) -> dict:
     return {k: v.value for k, v in mats[0].metadata.items()}
 
 
-def test_cluster_on_one_machine_equals_the_embedded_run(pg, student_dir, tmp_path, monkeypatch):
+def test_cluster_on_one_machine_equals_the_embedded_run(pg, s3, student_dir, tmp_path, monkeypatch):
     from lalp_assets.instance import reap_dead_runs
     from lalp_resources.pipeline import shard_of
     from lalp_resources.warehouse import KEYS, Warehouse
@@ -267,12 +277,13 @@ def test_cluster_on_one_machine_equals_the_embedded_run(pg, student_dir, tmp_pat
     home = root / "dagster_home"
     pg_env = render_instance(pg, home, pg.create_database("dagster").split("dbname=")[1].split()[0])
     lake_dsn = pg.create_database("lake")
-    for k, v in pg_env.items():
+    # the pods share an object store, not a folder: DuckLake's data goes to the loopback S3 server
+    for k, v in {**pg_env, **s3.variables()}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     env = {k: v for k, v in os.environ.items() if not k.startswith("LALP_")}
     env.update(pg_env, DAGSTER_HOME=str(home), TOKENIZERS_PARALLELISM="false", LALP_SHARDS=str(SHARDS),
-               LALP_WAREHOUSE=f"ducklake:postgres:{lake_dsn}", LALP_LAKE_DATA_PATH=str(root / "lake") + "/",
+               LALP_WAREHOUSE=f"ducklake:postgres:{lake_dsn}", LALP_LAKE_DATA_PATH="s3://lalp-lake/lake/",
                **common_settings(root, traces, student_dir))
     lake = Warehouse(env["LALP_WAREHOUSE"], data_path=env["LALP_LAKE_DATA_PATH"])
 
@@ -367,10 +378,12 @@ def test_cluster_on_one_machine_equals_the_embedded_run(pg, student_dir, tmp_pat
             assert distinct == n, f"{wh.describe()} {table}: duplicated keys ({n} rows, {distinct} distinct {key})"
             counts.append(n)
         assert counts[0] == counts[1] > 0, (table, counts)
-    # the lake really is DuckLake: its catalog in PostgreSQL, its data Parquet files under the data path
+    # the lake really is DuckLake: its catalog in PostgreSQL, its data Parquet files in the bucket
     lake_db = lake_dsn.split("dbname=")[1].split()[0]
     assert int(pg.psql("SELECT count(*) FROM ducklake_table", lake_db).strip()) >= len(TABLES)
-    assert list((root / "lake").rglob("*.parquet"))
+    objects = s3.client().list_objects_v2(Bucket="lalp-lake", Prefix="lake/").get("Contents", [])
+    assert any(o["Key"].endswith(".parquet") for o in objects)
+    assert not [p for p in root.rglob("*.parquet") if "exports" not in p.parts]  # no lake data on the disk
     assert "runs" in pg.psql("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'",
                              pg_env["DAGSTER_PG_DB"]).split()
     for wh in (ref, lake):

@@ -102,6 +102,37 @@ hostile_messages = st.fixed_dictionaries(
     optional={"teacher": field, "model": field, "prompt_id": field, "reference_answer": field, "final_answer": field},
 )
 message_rows = mostly(good_messages, hostile_messages, 7)
+share_turns = st.one_of(
+    junk,
+    st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt", "system", "user", "assistant", "tool", "x"]),
+                           "value": field}),
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]), "content": field}),
+)
+think = st.builds(lambda a, b: f"<think>{a}</think>{b}", texts, texts)
+good_sharegpt = st.builds(
+    lambda system_turn, history, prompt, response, extra: {
+        "conversations": [*system_turn, *history, {"from": "human", "value": prompt}, {"from": "gpt", "value": response}],
+        **extra},
+    st.lists(st.fixed_dictionaries({"from": st.just("system"), "value": texts}), max_size=1),
+    st.lists(share_turns, max_size=2), texts, st.one_of(texts, think),
+    st.fixed_dictionaries({}, optional={"teacher": teachers, "system": field, "prompt_id": ids, "id": field,
+                                        "reference_answer": answers}),
+)
+hostile_sharegpt = st.fixed_dictionaries(
+    {"conversations": st.one_of(st.lists(share_turns, max_size=4), junk)},
+    optional={"teacher": field, "model": field, "prompt_id": field, "system": field, "reference_answer": field},
+)
+sharegpt_rows = mostly(good_sharegpt, hostile_sharegpt, 7)
+good_alpaca = st.fixed_dictionaries(
+    {"instruction": texts, "output": st.one_of(texts, think)},
+    optional={"input": st.one_of(st.just(""), texts), "teacher": teachers, "prompt_id": ids,
+              "reference_answer": answers, "system": field, "history": junk},
+)
+hostile_alpaca = st.fixed_dictionaries(
+    {}, optional={"instruction": field, "input": field, "output": field, "teacher": field, "model": field,
+                  "prompt_id": field, "final_answer": field},
+)
+alpaca_rows = mostly(good_alpaca, hostile_alpaca, 7)
 
 
 def encodings():
@@ -174,9 +205,40 @@ def test_fuzz_messages_jsonl(data):
 
 
 @FUZZ
-@given(data=st.one_of(jsonl_files(canonical_rows), jsonl_files(message_rows)))
+@given(data=jsonl_files(sharegpt_rows))
+def test_fuzz_sharegpt_jsonl(data):
+    res = ingest_file("sharegpt.jsonl", data, "sharegpt")
+    check(res)
+    assert res.n_read == expected_jsonl_rows(data)
+
+
+@FUZZ
+@given(data=jsonl_files(alpaca_rows))
+def test_fuzz_alpaca_jsonl(data):
+    res = ingest_file("alpaca.jsonl", data, "alpaca")
+    check(res)
+    assert res.n_read == expected_jsonl_rows(data)
+
+
+@FUZZ
+@given(fmt=st.sampled_from(["sharegpt", "alpaca"]), data=st.data(), how=st.sampled_from(["ascii", "utf8", "bytes"]),
+       noise=st.binary(max_size=60), explicit=st.booleans())
+def test_fuzz_json_list(fmt, data, how, noise, explicit):
+    """ShareGPT's and Alpaca's own files are one JSON list: hostile records, or a whole file of noise."""
+    records = data.draw(rows_with_repeats(sharegpt_rows if fmt == "sharegpt" else alpaca_rows))
+    raw = noise if how == "bytes" else encode(records, how, b"")
+    res = ingest_file("rows.json", raw, fmt if explicit else "auto")
+    check(res)
+    whole_file = res.quarantine.filter(pl.col("source_row").is_null()).height
+    if how != "bytes" and explicit:
+        assert res.n_read == (1 if whole_file else len(records))
+
+
+@FUZZ
+@given(data=st.one_of(jsonl_files(canonical_rows), jsonl_files(message_rows), jsonl_files(sharegpt_rows),
+                      jsonl_files(alpaca_rows)))
 def test_fuzz_jsonl_detected(data):
-    """Auto-detection on hostile JSONL: either reader, never a failure."""
+    """Auto-detection on hostile JSONL: any reader, never a failure."""
     res = ingest_file("any.jsonl", data)
     check(res)
     assert res.n_read == expected_jsonl_rows(data)
@@ -225,6 +287,54 @@ def test_fuzz_parquet(table, row_group):
     assert res.n_read == table.num_rows
 
 
+def write_arrow(table: pa.Table, path: Path, stream: bool = True) -> None:
+    """An Arrow IPC stream (what `datasets.save_to_disk` writes) or IPC file."""
+    with pa.OSFile(str(path), "wb") as sink:
+        writer = pa.ipc.new_stream(sink, table.schema) if stream else pa.ipc.new_file(sink, table.schema)
+        with writer:
+            writer.write_table(table, max_chunksize=3)
+
+
+@FUZZ
+@given(table=parquet_tables(), stream=st.booleans(), cut=st.booleans())
+def test_fuzz_arrow(table, stream, cut):
+    """`save_to_disk` shards: whole, or cut short by an interrupted copy (then one invalid_arrow row,
+    after whatever rows could be read)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "data-00000-of-00001.arrow"
+        write_arrow(table, path, stream)
+        if cut:
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2])
+        res = ingest([path], teacher_mode="model", limits=LIM, verify=False)
+    check(res)
+    if not cut:
+        assert res.n_read == table.num_rows
+
+
+CONVERSATION_TYPES = {
+    "conversations": pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())])),
+    "system": pa.string(), "teacher": pa.string(),
+}
+
+
+@FUZZ
+@given(convs=st.lists(st.one_of(st.none(), st.lists(st.fixed_dictionaries({
+    "from": st.one_of(st.none(), st.sampled_from(["human", "gpt", "system", "x"])),
+    "value": st.one_of(st.none(), strings.map(arrow_safe))}), max_size=4)), max_size=8),
+       teacher=st.one_of(st.none(), plain_teachers))
+def test_fuzz_sharegpt_parquet(convs, teacher):
+    """Hub shards of ShareGPT rows: Parquet structs carry every key, nulls included."""
+    table = pa.table({"conversations": pa.array(convs, CONVERSATION_TYPES["conversations"]),
+                      "teacher": pa.array([teacher] * len(convs), pa.string())})
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "train-00000-of-00001.parquet"
+        pq.write_table(table, path)
+        res = ingest([path], teacher_mode="model", limits=LIM, verify=False)
+    check(res)
+    assert res.n_read == len(convs) and set(res.traces["format"]) <= {"sharegpt"}
+
+
 output_fragments = st.lists(
     st.one_of(st.sampled_from(["```json\n", "```", "{", "}", '"reasoning": "', '"answer": ', '"', ",", "\n",
                                "\\frac{1}{2}", "\\", "\\n", "\\u12", "$x$", "[", "]", '"42"', "null"]),
@@ -269,6 +379,8 @@ def test_fuzz_parse_json_output_returns_or_raises_valueerror(text):
 file_kinds = st.one_of(
     jsonl_files(canonical_rows).map(lambda b: ("jsonl", b)),
     jsonl_files(message_rows).map(lambda b: ("jsonl", b)),
+    jsonl_files(sharegpt_rows).map(lambda b: ("jsonl", b)),
+    rows_with_repeats(alpaca_rows).map(lambda r: ("json", json.dumps(r).encode())),
     rows_with_repeats(zeroeval_records).map(lambda r: ("json", json.dumps(r).encode())),
     st.binary(max_size=80).flatmap(lambda b: st.sampled_from([("json", b), ("jsonl", b), ("parquet", b)])),
     st.just(("json", b"Remember to re-run the 8B model.\n")),
@@ -310,12 +422,14 @@ def test_fuzz_folder_of_mixed_files(files, verify):
         assert whole.traces["verify_reason"].null_count() == 0
 
 
-@pytest.mark.parametrize("fmt", ["canonical", "messages", "zeroeval", "champ"])
+@pytest.mark.parametrize("fmt", ["canonical", "messages", "sharegpt", "alpaca", "zeroeval", "champ"])
 def test_wrong_explicit_format_never_raises(tmp_path, fmt):
     """Forcing a reader onto files of another format: rows are quarantined, nothing raises."""
     files = {
         "c.jsonl": json.dumps({"prompt_id": "a", "teacher": "t", "prompt": "q", "response": "r"}).encode(),
         "m.jsonl": json.dumps({"teacher": "t", "messages": [{"role": "user", "content": "q"}]}).encode(),
+        "s.jsonl": json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}).encode(),
+        "a.json": json.dumps([{"instruction": "q", "input": "", "output": "a"}]).encode(),
         "z.json": json.dumps([{"id": 1, "problem": "q", "output": ["{}"]}]).encode(),
         "noise.json": b"\x00\xff not json",
     }

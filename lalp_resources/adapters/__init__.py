@@ -12,20 +12,24 @@ Layout, one unit per module:
 
 * :mod:`.common`: schemas, reason codes, :class:`Limits`, the per-file collector, ids.
 * readers, one per format, each ``reader(path, ctx) -> IngestResult``:
-  :mod:`.canonical` (JSONL or Parquet with ``prompt_id, prompt, teacher, response``),
-  :mod:`.messages` (chat transcripts), :mod:`.zeroeval` (one JSON list per model),
-  :mod:`.champ` (the CHAMP dataset of the ``champ-dataset`` package).
+  :mod:`.canonical` (rows with ``prompt_id, prompt, teacher, response``),
+  :mod:`.messages` (chat transcripts), :mod:`.sharegpt` (ShareGPT ``conversations``),
+  :mod:`.alpaca` (``instruction`` / ``input`` / ``output``), :mod:`.zeroeval` (one JSON list
+  per model), :mod:`.champ` (the CHAMP dataset of the ``champ-dataset`` package).
+* :mod:`.rows`: the containers the row formats are read from (JSONL, a JSON list, Parquet,
+  Arrow); :mod:`.hf`: Hugging Face dataset layouts (``save_to_disk`` folders, hub downloads).
 * transforms: :mod:`.json_output` (a ZeroEval output -> reasoning, answer), :mod:`.dedupe`.
 * :mod:`.registry`: format name -> reader, detection, source expansion, file hashes.
 * :mod:`.api`: ``read_one`` (one file), ``finish`` (across files), ``ingest``,
   ``discover_teachers``.
 
 Source rows are numbered 1-based by physical line for JSONL and 0-based by position for JSON
-lists, Parquet and CHAMP conversations.
+lists, Parquet, Arrow and CHAMP conversations.
 """
 
 from __future__ import annotations
 
+from lalp_resources.adapters.alpaca import read_alpaca
 from lalp_resources.adapters.api import discover_teachers, finish, ingest, read_one
 from lalp_resources.adapters.champ import CHAMP_ZERO_SHOT, champ_path, read_champ
 from lalp_resources.adapters.common import (
@@ -44,6 +48,7 @@ from lalp_resources.adapters.canonical import read_canonical
 from lalp_resources.adapters.dedupe import dedupe
 from lalp_resources.adapters.json_output import parse_json_output
 from lalp_resources.adapters.messages import read_messages
+from lalp_resources.adapters.sharegpt import read_sharegpt
 from lalp_resources.adapters.registry import FORMATS, READERS, detect_format, expand_sources, file_sha256
 from lalp_resources.adapters.zeroeval import read_zeroeval
 
@@ -72,6 +77,8 @@ __all__ = [
     "parse_json_output",
     "read_canonical",
     "read_messages",
+    "read_sharegpt",
+    "read_alpaca",
     "read_zeroeval",
     "read_champ",
     "champ_path",

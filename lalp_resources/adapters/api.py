@@ -13,6 +13,7 @@ from pathlib import Path
 
 import polars as pl
 
+from lalp_resources import objectstore
 from lalp_resources.adapters.champ import TEACHER_MODES, champ_uri, is_champ_spec
 from lalp_resources.adapters.common import (
     QUARANTINE_SCHEMA,
@@ -67,7 +68,7 @@ def _whole_file_failure(uri: str, path: Path, fmt: str | None, reason: str, deta
 
 
 def read_one(item: str | Path, fmt: str = "auto", *, teacher_mode: str, limits: Limits,
-             champ_settings: tuple[str, ...] | None = None) -> IngestResult:
+             champ_settings: tuple[str, ...] | None = None, local: Path | None = None) -> IngestResult:
     """One item of :func:`expand_sources` (a file, or the CHAMP spec) -> its rows, deduplicated
     within the file; answers are not verified yet (:func:`finish` does that).
 
@@ -78,38 +79,68 @@ def read_one(item: str | Path, fmt: str = "auto", *, teacher_mode: str, limits: 
     Raises ConfigError (a ValueError) only for configuration mistakes: an unknown ``fmt`` or
     ``teacher_mode``, an unknown CHAMP setting, the CHAMP spec without its package. Any other
     exception inside a reader (a bug) becomes one ``reader_error`` row naming it.
+
+    An object (``s3://...``) is read from a local copy: ``local`` when the caller has downloaded
+    it already (:func:`lalp_resources.objectstore.local_copy`), else one made here; its rows carry
+    the object's URL as ``source_uri``. An object that cannot be downloaded is one
+    ``unreadable_file`` row, as a file that cannot be opened is.
     """
     _check_options(fmt, teacher_mode, limits)
+    if objectstore.is_remote(item):
+        return _read_object(str(item), fmt, teacher_mode, limits, champ_settings, local)
     champ = is_champ_spec(item)
     if champ and fmt not in ("auto", "champ"):
         raise ConfigError(f"source {item!r} is the CHAMP dataset; its format is 'champ', not {fmt!r}")
     path = item_path(item)
-    label = None if fmt == "auto" else fmt  # the format column stays null until one is known
     try:
         uri = champ_uri(path) if champ else file_uri(path)
     except (OSError, RuntimeError):  # RuntimeError: a symlink loop
         uri = path.absolute().as_uri()
+    ctx = ReadContext(limits=limits, teacher_mode=teacher_mode, champ_settings=champ_settings)
+    return _read_file(path, uri, str(path), item if champ else path, fmt, ctx)
+
+
+def _read_file(path: Path, uri: str, name: str, detect_as, fmt: str, ctx: ReadContext) -> IngestResult:
+    """`read_one` of a local file `path` whose rows are labelled `uri` and which messages call `name`."""
+    limits = ctx.limits
+    label = None if fmt == "auto" else fmt  # the format column stays null until one is known
     problem = _not_a_readable_file(path)
     if problem:
-        return _whole_file_failure(uri, path, label, "unreadable_file", f"cannot read {path}: {problem}", limits)
+        return _whole_file_failure(uri, path, label, "unreadable_file", f"cannot read {name}: {problem}", limits)
     if fmt == "auto":
         try:
-            fmt = detect_format(item)
+            fmt = detect_format(detect_as)
         except OSError as exc:
-            return _whole_file_failure(uri, path, label, "unreadable_file", f"cannot read {path}: {exc}", limits)
+            return _whole_file_failure(uri, path, label, "unreadable_file", f"cannot read {name}: {exc}", limits)
         except ValueError as exc:
-            return _whole_file_failure(uri, path, label, "unknown_format", str(exc), limits)
-    ctx = ReadContext(limits=limits, teacher_mode=teacher_mode, champ_settings=champ_settings)
+            return _whole_file_failure(uri, path, label, "unknown_format", str(exc).replace(str(path), name), limits)
     try:
         res = READERS[fmt](path, ctx)
     except OSError as exc:
-        return _whole_file_failure(uri, path, fmt, "unreadable_file", f"cannot read {path}: {exc}", limits)
+        return _whole_file_failure(uri, path, fmt, "unreadable_file", f"cannot read {name}: {exc}", limits)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - a reader bug must not stop the other files
         return _reader_error(uri, path, fmt, exc, limits)
     kept, dups = dedupe(res.traces)
     return IngestResult(kept, pl.concat([res.quarantine, dups]), res.n_read)
+
+
+def _read_object(url: str, fmt: str, teacher_mode: str, limits: Limits, champ_settings, local: Path | None) -> IngestResult:
+    if fmt == "champ":
+        raise ConfigError(f"source {url!r} is an object; the 'champ' format reads the packaged CHAMP dataset only")
+    if local is None:
+        try:
+            with objectstore.local_copy(url) as (copy, _):
+                return _read_object(url, fmt, teacher_mode, limits, champ_settings, copy)
+        except ConfigError:
+            raise
+        except (OSError, RuntimeError, ValueError) as exc:  # gone, no permission, the store unreachable
+            col = Collector(url, None, None if fmt == "auto" else fmt, "row", limits)
+            col.fail_file("unreadable_file", f"cannot read {url}: {type(exc).__name__}: {str(exc)[:300]}")
+            return col.result()
+    ctx = ReadContext(limits=limits, teacher_mode=teacher_mode, champ_settings=champ_settings, source_uri=url, origin=url)
+    return _read_file(Path(local), url, url, Path(local), fmt, ctx)
 
 
 def _reader_error(uri: str, path: Path, fmt: str, exc: Exception, limits: Limits) -> IngestResult:

@@ -1,7 +1,7 @@
-"""Reader for the ``canonical`` format: JSONL or Parquet rows with ``prompt_id, prompt,
-teacher, response`` and optional ``reference_answer``, ``final_answer``.
+"""Reader for the ``canonical`` format: rows with ``prompt_id, prompt, teacher, response`` and
+optional ``reference_answer``, ``final_answer``, in JSONL, Parquet, a JSON list or Arrow.
 
-JSONL rows are numbered by physical line (1-based), Parquet rows by position (0-based).
+JSONL rows are numbered by physical line (1-based), the others by position (0-based).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from lalp_resources.adapters.common import (
-    Collector,
     IngestResult,
     ReadContext,
     RowError,
@@ -18,16 +17,10 @@ from lalp_resources.adapters.common import (
     as_optional_answer,
     as_text,
     check_limits,
-    file_uri,
-    iter_jsonl,
     require,
-    sha256_file,
     type_name,
 )
-
-PARQUET_MAGIC = b"PAR1"
-# Rows per Arrow batch: bounded so that a batch of long rows stays small in memory.
-_BATCH_ROWS = 256
+from lalp_resources.adapters.rows import PARQUET_MAGIC, read_rows  # noqa: F401  (PARQUET_MAGIC re-exported)
 
 
 def canonical_fields(obj: Any, ctx: ReadContext) -> dict:
@@ -47,48 +40,8 @@ def canonical_fields(obj: Any, ctx: ReadContext) -> dict:
     return fields
 
 
-def is_parquet(path: Path) -> bool:
-    """By extension (``.parquet`` yes, ``.jsonl`` / ``.json`` no), else by the Parquet magic
-    number at the start of the file."""
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".jsonl", ".json"):
-        return suffix == ".parquet"
-    with open(path, "rb") as f:
-        return f.read(4) == PARQUET_MAGIC
-
-
 def read_canonical(path: Path, ctx: ReadContext) -> IngestResult:
-    """Canonical rows from one JSONL or Parquet file."""
-    path = Path(path)
-    if is_parquet(path):
-        return read_canonical_parquet(path, ctx)
-    col = Collector(file_uri(path), sha256_file(path), "canonical", "line", ctx.limits)
-    for i, head, obj in iter_jsonl(path, col):
-        col.keep_or_reject(i, head, obj, lambda o: canonical_fields(o, ctx))
-    return col.result()
-
-
-def read_canonical_parquet(path: Path, ctx: ReadContext) -> IngestResult:
-    """Canonical rows from Parquet. A file that cannot be opened (truncated, not Parquet) is
-    one ``invalid_parquet`` row; a failure part-way keeps the rows read before it."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    col = Collector(file_uri(path), sha256_file(path), "canonical", "row", ctx.limits)
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        col.fail_file("invalid_parquet", f"cannot open as Parquet: {str(exc)[:300]}")
-        return col.result()
-    row = 0
-    try:
-        for batch in pf.iter_batches(batch_size=_BATCH_ROWS):
-            for obj in batch.to_pylist():
-                col.n_read += 1
-                col.keep_or_reject(row, obj, obj, lambda o: canonical_fields(o, ctx))
-                row += 1
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        col.fail_file("invalid_parquet", f"cannot read past row {row}: {str(exc)[:300]}")
-    finally:
-        pf.close()
-    return col.result()
+    """Canonical rows from one JSONL, JSON-list, Parquet or Arrow file (see :mod:`.rows`): a
+    Parquet or Arrow file that cannot be opened is one ``invalid_parquet`` / ``invalid_arrow``
+    row, and a failure part-way keeps the rows read before it."""
+    return read_rows(path, ctx, "canonical", lambda o: canonical_fields(o, ctx))

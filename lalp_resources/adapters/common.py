@@ -13,7 +13,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 import polars as pl
@@ -68,6 +68,7 @@ REASONS = (
     "unreadable_file",
     "unknown_format",
     "invalid_parquet",
+    "invalid_arrow",
     "reader_error",
 )
 EXCERPT_CHARS = 300
@@ -342,11 +343,25 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ReadContext:
-    """What a reader needs besides the file: the limits and the CHAMP options."""
+    """What a reader needs besides the file: the limits, the CHAMP options, and for a local copy
+    of an object (``s3://...``) where the rows really come from: ``source_uri`` (what rows
+    carry instead of the copy's ``file://`` URI) and ``origin`` (the object's URL, whose name a
+    reader takes a file-level teacher from)."""
 
     limits: Limits
     teacher_mode: str = "model"
     champ_settings: tuple[str, ...] | None = None
+    source_uri: str | None = None
+    origin: str | None = None
+
+    def uri(self, path: Path) -> str:
+        return self.source_uri or file_uri(path)
+
+    def logical(self, path: Path) -> PurePosixPath | Path:
+        """The path whose name means something: the object key for a local copy, else ``path``."""
+        if self.origin is None:
+            return Path(path)
+        return PurePosixPath(self.origin.split("://", 1)[-1])
 
 
 # --------------------------------------------------------------------------- collector
@@ -446,14 +461,15 @@ class Collector:
             }
         )
 
-    def keep_or_reject(self, row: int, raw: Any, obj: Any, to_fields) -> None:
-        """``to_fields(obj)`` -> the fields for :meth:`accept`, or a quarantine row on RowError."""
+    def keep_or_reject(self, row: int, raw: Any, obj: Any, to_fields, teacher: str | None = None) -> None:
+        """``to_fields(obj)`` -> the fields for :meth:`accept`, or a quarantine row on RowError
+        (its teacher: the row's own, else ``teacher``, the file's)."""
         try:
             fields = to_fields(obj)
         except RowError as err:
             pid = obj.get("prompt_id") if isinstance(obj, dict) else None
-            teacher = (obj.get("teacher") or obj.get("model")) if isinstance(obj, dict) else None
-            self.reject(row, err.reason, err.detail, raw, pid, teacher)
+            own = (obj.get("teacher") or obj.get("model")) if isinstance(obj, dict) else None
+            self.reject(row, err.reason, err.detail, raw, pid, own if isinstance(own, str) else teacher)
             return
         self.accept(row, raw, **fields)
 

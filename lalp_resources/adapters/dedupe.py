@@ -47,7 +47,9 @@ def dedupe(traces: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     unit = (
         pl.when(pl.col("format") == "zeroeval").then(pl.lit("record "))
         .when(pl.col("format") == "champ").then(pl.lit("conversation "))
-        .when(pl.col("source_uri").str.to_lowercase().str.ends_with(".parquet")).then(pl.lit("row "))
+        .when(pl.col("source_uri").str.to_lowercase().str.contains(r"\.(parquet|arrow)$")).then(pl.lit("row "))
+        .when(pl.col("format").is_in(["sharegpt", "alpaca"]) & pl.col("source_uri").str.to_lowercase().str.ends_with(".json"))
+        .then(pl.lit("record "))
         .otherwise(pl.lit("line "))
     )
     bad = bad.with_columns(

@@ -26,7 +26,6 @@ from lalp_resources.adapters.common import (
     as_text,
     check_limit,
     check_limits,
-    file_uri,
     require,
     sha256_file,
     type_name,
@@ -69,8 +68,8 @@ def zeroeval_fields(rec: Any, teacher: str, ctx: ReadContext) -> dict:
 def read_zeroeval(path: Path, ctx: ReadContext) -> IngestResult:
     """One ZeroEval result file (a JSON list, one record per problem, one file per model)."""
     path = Path(path)
-    teacher = path.stem
-    col = Collector(file_uri(path), sha256_file(path), "zeroeval", "record", ctx.limits)
+    teacher = ctx.logical(path).stem
+    col = Collector(ctx.uri(path), sha256_file(path), "zeroeval", "record", ctx.limits)
     data = path.read_bytes()
     try:
         records = json.loads(data.decode("utf-8-sig"))
