@@ -96,8 +96,7 @@ class ObjectInfo:
 
     @property
     def stamp(self) -> int:
-        """The version as a signed 64-bit integer (the ledger's `mtime_ns` column holds it for an
-        object: the ledger has no text column for an ETag, and only equality matters)."""
+        """The version as a signed 64-bit integer, for the inbox sensor's cursor (only equality matters)."""
         return int.from_bytes(hashlib.sha256(self.etag.encode()).digest()[:8], "big", signed=True)
 
 
@@ -133,13 +132,14 @@ def info(url: str) -> ObjectInfo:
     return _info(fs, d)
 
 
-def stat(url: str) -> tuple[int, int] | None:
-    """(size, ETag stamp) of an object, as the ledger keys it; None when it cannot be read."""
+def stat(url: str) -> tuple[int, None, str] | None:
+    """(size, None, ETag) of an object, as the ledger keys it (a file's middle field is its mtime);
+    None when it cannot be read."""
     try:
         i = info(url)
     except (OSError, ValueError):
         return None
-    return i.size, i.stamp
+    return i.size, None, i.etag
 
 
 def list_folder(url: str, suffixes: tuple[str, ...] = ()) -> list[ObjectInfo]:

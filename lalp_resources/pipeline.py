@@ -262,10 +262,10 @@ class FileVersion:
     teachers: tuple[str, ...]
 
 
-def file_stat(item: str) -> tuple[int, int] | None:
-    """What says a source changed without reading it: (size, mtime_ns) of a file; (size, ETag
-    stamp) of an object (`ObjectInfo.stamp`: an object's mtime is when it was uploaded, not what
-    it holds). None when it cannot be seen."""
+def file_stat(item: str) -> tuple[int, int | None, str | None] | None:
+    """What says a source changed without reading it: (size, mtime_ns, None) of a file; (size,
+    None, ETag) of an object (an object's mtime is when it was uploaded, not what it holds). None
+    when it cannot be seen."""
     if objectstore.is_remote(item):
         return objectstore.stat(item)
     p = Path(item)
@@ -273,13 +273,14 @@ def file_stat(item: str) -> tuple[int, int] | None:
         st = p.stat()
     except OSError:
         return None
-    return st.st_size, st.st_mtime_ns
+    return st.st_size, st.st_mtime_ns, None
 
 
-def ledger_frame(fv: FileVersion, stat: tuple[int, int] | None, run_id: str, fmt: str) -> pl.DataFrame:
+def ledger_frame(fv: FileVersion, stat: tuple[int, int | None, str | None] | None, run_id: str, fmt: str) -> pl.DataFrame:
     return pl.DataFrame([{
         "item": fv.item, "source_uri": fv.source_uri, "source_sha256": fv.source_sha256,
-        "size": stat[0] if stat else None, "mtime_ns": stat[1] if stat else None, "format": fmt,
+        "size": stat[0] if stat else None, "mtime_ns": stat[1] if stat else None,
+        "etag": stat[2] if stat else None, "format": fmt,
         "n_read": fv.n_read, "n_accepted": fv.n_accepted, "n_quarantined": fv.n_quarantined,
         "teachers": json.dumps(list(fv.teachers), ensure_ascii=False), "read_run_id": run_id, "read_at": utcnow(),
     }])
@@ -308,9 +309,9 @@ def sync_sources(wh, items: Sequence[str], read: Callable[..., adapters.IngestRe
     from lalp_resources.warehouse import query
 
     with wh.connect() as con:  # the first write of a fresh warehouse creates it
-        known = query(con, "SELECT item, source_uri, source_sha256, size, mtime_ns, n_read, n_accepted, n_quarantined, teachers "
+        known = query(con, "SELECT item, source_uri, source_sha256, size, mtime_ns, etag, n_read, n_accepted, n_quarantined, teachers "
                            "FROM source_files ORDER BY read_at")
-    by_stat = {(r["item"], r["size"], r["mtime_ns"]): r for r in known.iter_rows(named=True) if r["size"] is not None}
+    by_stat = {(r["item"], r["size"], r["mtime_ns"], r["etag"]): r for r in known.iter_rows(named=True) if r["size"] is not None}
     by_sha = {r["source_sha256"]: r for r in known.iter_rows(named=True)}
     out: list[FileVersion] = []
     for item in items:
@@ -331,7 +332,7 @@ def _sync_one(wh, item, read, sha_of, run_id, fmt, log, held, by_stat, by_sha) -
             sha = memo["source_sha256"]
         elif objectstore.is_remote(item):
             local, obj = held.enter_context(objectstore.local_copy(item))
-            stat = (obj.size, obj.stamp)  # the version of the bytes downloaded
+            stat = (obj.size, None, obj.etag)  # the version of the bytes downloaded
             sha = adapters.common.sha256_file(local)
         else:
             sha = sha_of(item)

@@ -92,7 +92,7 @@ SCHEMA: dict[str, str] = {
     "source_files": """
         item VARCHAR, source_uri VARCHAR, source_sha256 VARCHAR, size BIGINT, mtime_ns BIGINT,
         format VARCHAR, n_read BIGINT, n_accepted BIGINT, n_quarantined BIGINT, teachers VARCHAR,
-        read_run_id VARCHAR, read_at TIMESTAMP""",
+        read_run_id VARCHAR, read_at TIMESTAMP, etag VARCHAR""",
     # the parsed, accepted rows of each file content, every teacher; partitions take theirs
     "source_traces": """
         response_id VARCHAR, prompt_id VARCHAR, teacher VARCHAR, prompt VARCHAR, response VARCHAR,
@@ -157,6 +157,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "quarantine.stage: the stage that quarantined a row", (("quarantine", "stage", "VARCHAR"),)),
     Migration(3, "teacher_rankings.n_conflicting_prompts: prompt ids left out of the comparison",
               (("teacher_rankings", "n_conflicting_prompts", "INTEGER"),)),
+    Migration(4, "source_files.etag: an object-store source's version (a file has mtime_ns)",
+              (("source_files", "etag", "VARCHAR"),)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 # the schema's history: one row per version reached (created, found, migrated), newest last

@@ -138,9 +138,9 @@ def test_a_changed_object_supersedes_its_old_rows_and_the_ledger_keys_it_by_etag
     assert f1.new and (f1.n_read, f1.n_accepted, f1.n_quarantined) == (3, 2, 1)
     etag = s3.client().head_object(Bucket=s3.bucket, Key="src/t.jsonl")["ETag"].strip('"')
     info = objectstore.info(url)
-    assert info.etag == etag and file_stat(url) == (info.size, info.stamp)
-    ledger = wh.read("SELECT item, source_uri, size, mtime_ns FROM source_files")
-    assert ledger.rows() == [(url, url, info.size, info.stamp)]  # (size, ETag) where a file has (size, mtime)
+    assert info.etag == etag and file_stat(url) == (info.size, None, etag)
+    ledger = wh.read("SELECT item, source_uri, size, mtime_ns, etag FROM source_files")
+    assert ledger.rows() == [(url, url, info.size, None, etag)]  # (size, ETag) where a file has (size, mtime)
     # unchanged: not read again
     (again,) = sync(wh, [url])
     assert not again.new and wh.read("SELECT count(*) AS n FROM source_files")["n"][0] == 1

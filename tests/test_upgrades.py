@@ -70,7 +70,8 @@ def test_a_warehouse_at_an_earlier_schema_is_migrated_in_place(tmp_path, version
         write_rows(wh)
         downgrade(wh, version)
         with wh.connect(read_only=True) as con:
-            assert "n_conflicting_prompts" not in W.columns(con, "teacher_rankings")
+            later = [(t, c) for m in W.MIGRATIONS if m.version > version for t, c, _ in m.add_columns]
+            assert later and all(c not in W.columns(con, t) for t, c in later)
         with wh.connect() as con:
             for table, cols in W.COLUMNS.items():
                 assert list(cols) == [c for c in W.columns(con, table) if c in cols], table
@@ -97,8 +98,8 @@ def test_a_failing_migration_leaves_the_warehouse_as_it_was(tmp_path, monkeypatc
         monkeypatch.undo()
         with wh.connect(read_only=True) as con:
             assert not W.table_exists(con, W.VERSION_TABLE)
-            assert "stage" not in W.columns(con, "quarantine")  # migration 2 ran before the failure, and was rolled back
-            assert "n_conflicting_prompts" not in W.columns(con, "teacher_rankings")
+            # the real migrations ran before the failure, and were rolled back with it
+            assert all(c not in W.columns(con, t) for m in W.MIGRATIONS for t, c, _ in m.add_columns)
         with wh.connect():  # the real migrations still apply afterwards
             pass
         assert history(wh)[-1][0] == W.SCHEMA_VERSION
