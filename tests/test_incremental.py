@@ -119,9 +119,10 @@ def test_inbox_sensor_scores_new_teacher_only_then_nothing(env):
     assert instance.get_dynamic_partitions("teacher") == ["alpha", "beta"]
     assert scored[0][1]["windows_scored"] == expected_windows(wh, "beta")
 
-    # re-materializing with nothing new sends zero windows to the model
+    # re-materializing with nothing new plans nothing: every response is passed over
     w = run_teacher(instance, s, "beta")
-    assert w["windows_scored"] == 0 and w["windows_cached"] == w["windows_total"] > 0
+    assert w == {"windows_total": 0, "windows_scored": 0, "windows_cached": 0}
+    assert materialized(instance, "step_scores")["responses_passed_over"] == 3
 
     # rankings and the curated set now include the new teacher
     defs = build_defs(s)
