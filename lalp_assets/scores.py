@@ -55,7 +55,7 @@ class WarehouseSession:
 
     def __init__(self, wh, hold_s: float = 5.0, idle_s: float = 1.0):
         self.wh, self.hold_s, self.idle_s = wh, hold_s, idle_s
-        self.pending: dict[str, tuple[float, int]] = {}  # scored, not yet committed: the cache sees them
+        self.pending: dict[str, tuple] = {}  # scored, not yet committed: the cache sees them
         self._cm = self._con = None
         self._opened = 0.0
         self._last_end: float | None = None
@@ -84,7 +84,7 @@ class WarehouseSession:
         if cm is not None:
             cm.__exit__(None, None, None)
 
-    def lookup(self, keys: list[str]) -> dict[str, tuple[float, int]]:
+    def lookup(self, keys: list[str]) -> dict[str, tuple]:
         if not keys:
             return {}
         with self.use() as con:
@@ -199,7 +199,8 @@ def _score_chunks_into(context, engine, items, session, meta, teacher_of, cfg, r
             galp.join(teacher_of.rows(galp["response_id"]), on="response_id").with_columns(pl.lit(run_id).alias("score_run_id")))
         cache_rows = frames["score_cache"].with_columns(pl.lit(run_id).alias("created_run_id"))
         pending["score_cache"].append(cache_rows)
-        session.pending.update((k, (s, n)) for k, s, n in cache_rows.select("key", "sum_logprob", "n_tokens").iter_rows())
+        session.pending.update((k, tuple(v)) for k, *v in cache_rows.select(
+            "key", "sum_logprob", "n_tokens", "head1_logprob", "head2_logprob").iter_rows())
         if time.monotonic() - last >= commit_every_s:
             flush()
             last = time.monotonic()
