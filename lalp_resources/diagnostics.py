@@ -265,3 +265,126 @@ def summarize_first_wrong(per_response: Sequence[dict]) -> dict:
         "auroc": won / pairs if pairs else None,
         "pairs": pairs,
     }
+
+
+# ------------------------------------------------------------------------------ per response / teacher
+
+
+def per_response(steps: pl.DataFrame) -> pl.DataFrame:
+    """The diagnostic columns of `response_scores`: the weakest step and the DROP/CASL inputs.
+    `steps`: response_id, step_index, n_tokens, sum_logprob, mean_logprob, head1_logprob,
+    head2_logprob, char_start, char_end."""
+    rd = response_diagnostics(steps)
+    return weakest_steps(steps).join(rd, on="response_id", how="full", coalesce=True)
+
+
+# Spearman rho per teacher over all its scored steps in SQL (average ranks: the Pearson correlation
+# of rank + (ties - 1) / 2), so it scales with the table instead of a sample; `?` = prompt ids left out.
+LENGTH_BIAS_SQL = """
+SELECT teacher, corr(rs, rn) AS length_rho FROM (
+  SELECT teacher,
+         rank() OVER (PARTITION BY teacher ORDER BY mean_logprob)
+           + (count(*) OVER (PARTITION BY teacher, mean_logprob) - 1) / 2.0 AS rs,
+         rank() OVER (PARTITION BY teacher ORDER BY n_tokens)
+           + (count(*) OVER (PARTITION BY teacher, n_tokens) - 1) / 2.0 AS rn
+  FROM step_scores
+  WHERE n_tokens > 0 AND isfinite(mean_logprob) AND prompt_id NOT IN (SELECT unnest(?::VARCHAR[]))
+) GROUP BY teacher HAVING count(*) >= 3
+"""
+
+CORRECTED = ("drop1", "drop2", "casl")
+LABELS = {"lalp": "LALP", "drop1": "DROP-1", "drop2": "DROP-2", "casl": "CASL"}
+
+
+def teacher_corrected(responses: pl.DataFrame, teachers: Sequence[str], shared: Sequence[str]) -> pl.DataFrame:
+    """Per teacher, over the shared prompts (the same ones LALP is compared on): the mean of each
+    corrected score (per prompt the mean of the teacher's responses, then the mean over prompts
+    that have a value), its rank (1 = best), and how many of the teacher's responses lack head
+    sums (scored by an earlier release: left out of DROP/CASL)."""
+    cols = [c for c in CORRECTED if c in responses.columns]
+    schema = {"teacher": pl.Utf8, **{f"{c}_mean": pl.Float64 for c in CORRECTED},
+              "n_responses_without_heads": pl.Int32}
+    rows = {t: {"teacher": t} for t in teachers}
+    if "has_heads" in responses.columns:
+        lacking = responses.filter(pl.col("has_heads").not_()).group_by("teacher").len()
+        for t, n in lacking.iter_rows():
+            if t in rows:
+                rows[t]["n_responses_without_heads"] = n
+    if cols and shared:
+        pp = (responses.filter(pl.col("prompt_id").is_in(list(shared)))
+              .with_columns([pl.col(c).fill_nan(None) for c in cols])
+              .group_by("teacher", "prompt_id").agg([pl.col(c).mean() for c in cols])
+              .group_by("teacher").agg([pl.col(c).mean().alias(f"{c}_mean") for c in cols]))
+        for r in pp.iter_rows(named=True):
+            if r["teacher"] in rows:
+                rows[r["teacher"]].update({k: v for k, v in r.items() if k != "teacher"})
+    for t in teachers:
+        rows[t].setdefault("n_responses_without_heads", 0)
+    out = pl.DataFrame([rows[t] for t in teachers], schema=schema) if teachers else pl.DataFrame(schema=schema)
+    return out.with_columns([pl.col(f"{c}_mean").rank("ordinal", descending=True).cast(pl.Int32).alias(f"{c}_rank")
+                             for c in CORRECTED])
+
+
+def order_changes(rk: pl.DataFrame) -> dict[str, tuple[list[str], list[str]]]:
+    """score -> (the LALP order, its order) for each corrected score that orders the teachers
+    differently from LALP (teachers without a value on either left out)."""
+    out = {}
+    for c in CORRECTED:
+        col = f"{c}_mean"
+        if col not in rk.columns:
+            continue
+        df = rk.filter(pl.col("lalp_mean").is_not_null() & pl.col(col).is_not_null())
+        if df.height < 2:
+            continue
+        base = df.sort(["lalp_mean", "teacher"], descending=[True, False])["teacher"].to_list()
+        other = df.sort([col, "teacher"], descending=[True, False])["teacher"].to_list()
+        if base != other:
+            out[c] = (base, other)
+    return out
+
+
+def diagnostics_verdict(rk: pl.DataFrame) -> str:
+    """Sentences for the ranking verdict: where a length correction reorders the teachers, the
+    length bias it answers, and which teachers share the student's family."""
+    parts = []
+    changes = order_changes(rk)
+    present = [c for c in CORRECTED if f"{c}_mean" in rk.columns and rk[f"{c}_mean"].drop_nulls().len() > 0]
+    for c, (base, other) in changes.items():
+        parts.append(f"The length correction {LABELS[c]} changes the teacher order: LALP gives {' > '.join(base)}, "
+                     f"{LABELS[c]} gives {' > '.join(other)}.")
+    kept = [LABELS[c] for c in present if c not in changes]
+    if kept and not changes:
+        parts.append(f"The length corrections ({', '.join(kept)}) keep the LALP order of teachers.")
+    elif kept:
+        parts.append(f"{', '.join(kept)} keep{'s' if len(kept) == 1 else ''} the LALP order.")
+    if "length_rho" in rk.columns:
+        rho = [(r["teacher"], r["length_rho"]) for r in rk.iter_rows(named=True) if r["length_rho"] is not None]
+        strong = [f"{t} (rho {v:+.2f})" for t, v in rho if abs(v) >= 0.3]
+        if strong:
+            parts.append("Step score depends on step length for " + ", ".join(strong)
+                         + ": a mean over tokens favours " + ("long" if sum(v for _, v in rho) > 0 else "short")
+                         + " steps there; compare the DROP/CASL columns.")
+    if "n_responses_without_heads" in rk.columns:
+        lack = int(rk["n_responses_without_heads"].fill_null(0).sum())
+        if lack:
+            parts.append(f"{lack} response(s) were scored by an earlier release without head sums and are left out of "
+                         "DROP/CASL (their LALP/GALP stand; re-scoring them fills the heads).")
+    if "same_family" in rk.columns:
+        for r in rk.filter(pl.col("same_family").is_not_null()).iter_rows(named=True):
+            parts.append(f"{r['teacher']}'s rank is suspect: it is of the student's family ({r['same_family']}), and a "
+                         "student scores text like its own training data higher.")
+    return " ".join(parts)
+
+
+def table_view(rk: pl.DataFrame) -> pl.DataFrame:
+    """The length-bias, length-corrected and same-family columns of a ranking, labelled for a
+    table (an empty frame without them)."""
+    cols = []
+    if "length_rho" in rk.columns:
+        cols.append(pl.col("length_rho").round(3).alias("length rho"))
+    for c in CORRECTED:
+        if f"{c}_mean" in rk.columns:
+            cols.append(pl.format("{} (#{})", pl.col(f"{c}_mean").round(4), pl.col(f"{c}_rank")).alias(LABELS[c]))
+    if "same_family" in rk.columns:
+        cols.append(pl.col("same_family").fill_null("").alias("same family as student"))
+    return rk.select(cols) if cols else pl.DataFrame()

@@ -144,3 +144,31 @@ def test_first_wrong_metrics_by_hand():
     assert s["n"] == 3 and s["top1"] == pytest.approx(2 / 3)
     assert s["mean_percentile"] == pytest.approx(2 / 9) and s["auroc"] == pytest.approx(1.0) and s["pairs"] == 3
     assert dx.summarize_first_wrong([])["auroc"] is None
+
+
+def test_teacher_corrected_scores_and_the_verdict_on_a_reordering():
+    # two prompts; A leads on LALP, B on DROP-1 (per prompt means first, then over the shared prompts)
+    resp = pl.DataFrame({
+        "teacher": ["A", "A", "A", "B", "B"], "prompt_id": ["p", "p", "q", "p", "q"],
+        "lalp": [-1.0, -1.0, -1.2, -1.5, -1.5], "drop1": [-0.9, -0.7, -0.8, -0.5, -0.6],
+        "drop2": [-0.5, -0.5, -0.5, -0.9, -0.9], "casl": [None, -1.0, -1.0, -2.0, -2.0],
+        "has_heads": [False, True, True, True, True],
+    })
+    tc = {r["teacher"]: r for r in dx.teacher_corrected(resp, ["A", "B"], ["p", "q"]).iter_rows(named=True)}
+    # A: drop1 per prompt p = -0.8, q = -0.8 -> -0.8; B: (-0.5 + -0.6) / 2 = -0.55
+    assert tc["A"]["drop1_mean"] == pytest.approx(-0.8) and tc["B"]["drop1_mean"] == pytest.approx(-0.55)
+    assert (tc["A"]["drop1_rank"], tc["B"]["drop1_rank"]) == (2, 1)
+    assert tc["A"]["casl_mean"] == pytest.approx(-1.0)  # the response lacking heads is left out
+    assert (tc["A"]["n_responses_without_heads"], tc["B"]["n_responses_without_heads"]) == (1, 0)
+    rk = pl.DataFrame({"teacher": ["A", "B"], "lalp_mean": [-1.05, -1.5], "length_rho": [0.6, 0.1],
+                       "same_family": ["qwen", None], "n_responses_without_heads": [1, 0]}).join(
+        dx.teacher_corrected(resp, ["A", "B"], ["p", "q"]).drop("n_responses_without_heads"), on="teacher")
+    assert dx.order_changes(rk) == {"drop1": (["A", "B"], ["B", "A"])}
+    v = dx.diagnostics_verdict(rk)
+    assert "The length correction DROP-1 changes the teacher order: LALP gives A > B, DROP-1 gives B > A." in v
+    assert "DROP-2, CASL keep the LALP order." in v
+    assert "A (rho +0.60)" in v and "favours long steps" in v
+    assert "1 response(s) were scored by an earlier release without head sums" in v
+    assert "A's rank is suspect: it is of the student's family (qwen)" in v
+    same = rk.with_columns(pl.col("drop1_mean").alias("lalp_mean"))
+    assert "keep the LALP order" in dx.diagnostics_verdict(same.drop("drop2_mean", "casl_mean"))
