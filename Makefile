@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 
-.PHONY: setup demo test test-fast bench bench-scale gpu-bundle ui docs-screenshots clean
+.PHONY: setup demo test test-fast bench bench-scale eval-steps gpu-bundle ui docs-screenshots clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,12 @@ bench: setup
 ROWS ?= 10000
 bench-scale: setup
 	$(BIN)/python -m benchmarks.bench_scale --rows $(ROWS) $(BENCH_SCALE_ARGS)
+
+# Step scores against human labels: CHAMP's first wrong steps (444 responses), scored with the student
+# under fixed:4, fraction:0.25 and fraction:1.0; EVAL_ARGS=--limit N scores the first N. The last line is
+# n=N auroc_local=A auroc_global=B top1_local=C top1_global=D (benchmarks/eval_steps.py).
+eval-steps: setup
+	$(BIN)/python -m benchmarks.eval_steps $(EVAL_ARGS)
 
 # The inputs a GPU lease can carry (see benchmarks/gpu_check.py): sampled ZeroEval rows + the student's
 # config and tokenizer, in the git-ignored .devbundle/.

@@ -250,7 +250,8 @@ def prescore(data_dir: Path, work: Path, model_dir: Path, teachers: int, problem
     kept = store / f"{hashlib.sha256(namespace.encode()).hexdigest()[:16]}.parquet"
     cache = DictCache()
     if kept.exists():
-        cache.store(pl.read_parquet(kept).select("key", "sum_logprob", "n_tokens").iter_rows())
+        old = pl.read_parquet(kept)  # a store from before head sums has none: those rows keep None heads
+        cache.store(old.select([c for c in pipeline.CACHE_SCHEMA if c in old.columns]).iter_rows())
     n_before = len(cache.data)
     steps = pipeline.segment_traces(distinct, lambda text: (segment(text, "paragraph"), None), st.tokenizer)
     items = pipeline.score_items(steps, distinct)
@@ -259,8 +260,7 @@ def prescore(data_dir: Path, work: Path, model_dir: Path, teachers: int, problem
     for chunk in engine.score(items):
         cache.store(chunk.new_cache_rows)
     secs = time.perf_counter() - t0
-    rows = pl.DataFrame([(k, s, n) for k, (s, n) in cache.data.items()],
-                        schema={"key": pl.Utf8, "sum_logprob": pl.Float64, "n_tokens": pl.Int32}, orient="row")
+    rows = pl.DataFrame([(k, *v) for k, v in cache.data.items()], schema=pipeline.CACHE_SCHEMA, orient="row")
     if len(cache.data) > n_before:
         store.mkdir(parents=True, exist_ok=True)
         tmp = kept.with_suffix(".tmp")

@@ -19,6 +19,7 @@ from lalp_resources.report import md_image, mix_plot, write_report
 from lalp_resources.method.tokenization import control_strings
 from lalp_resources.resources import PipelineSettingsResource, StudentModelResource, WarehouseResource
 from lalp_assets.rankings import CONFLICTING_PROMPTS, PLOT_SAMPLE
+from lalp_resources.diagnostics import shorten
 from lalp_resources.warehouse import insert, query, run_transaction
 
 EXPORT_FIELDS = ["prompt_id", "teacher", "response_id", "lalp", "galp", "source_uri", "source_sha256"]
@@ -129,6 +130,11 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
             rk = query(con, "SELECT * FROM teacher_rankings")
             steps = query(con, f"SELECT teacher, mean_logprob FROM step_scores {PLOT_SAMPLE}")
             cfg = query(con, "SELECT DISTINCT student, segmenter_version, window_spec, template, dtype FROM response_scores")
+            weakest = query(con, "SELECT s.teacher, s.response_id, s.weakest_step AS step, s.weakest_score AS score, "
+                                 "s.weakest_gap AS below_mean, r.text FROM response_scores s JOIN reasoning_steps r "
+                                 "ON r.response_id = s.response_id AND r.step_index = s.weakest_step "
+                                 "WHERE s.response_id IN (SELECT unnest(?)) ORDER BY s.weakest_gap DESC LIMIT 20",
+                            [curated["response_id"].to_list()])
         # pictures, report and exports first: a failure there leaves the tables as they were
         mix_picture = md_image(mix_plot(mix), "teacher mix")
         control = control_token_counts(curated, cand, control_quarantined, settings.control_tokens,
@@ -159,6 +165,8 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
                 candidates_under_conflicting_prompt_ids=int(cand["blocked"].str.starts_with("prompt_id holds").sum()),
                 **{f"control_tokens_{k}": v for k, v in control.items()},
                 teacher_mix_plot=dg.MetadataValue.md(mix_picture),
+                weakest_steps_of_curated=dg.MetadataValue.md(markdown_table(weakest.with_columns(
+                    pl.col("text").map_elements(shorten, return_dtype=pl.Utf8))) if weakest.height else "_(none)_"),
                 jsonl=dg.MetadataValue.path(paths["jsonl"]), parquet=dg.MetadataValue.path(paths["parquet"]),
                 hf_dataset=dg.MetadataValue.path(paths["hf_dataset"]), report=dg.MetadataValue.path(report),
             )

@@ -50,7 +50,7 @@ def build_resources(s: Settings) -> dict:
         "settings": PipelineSettingsResource(
             window=s.window, template=s.template, max_prompts=s.max_prompts, max_prompt_tokens=s.max_prompt_tokens,
             max_response_tokens=s.max_response_tokens, control_tokens=s.control_tokens, require_correct=s.require_correct, bootstrap=s.bootstrap,
-            exports=s.exports, shards=s.shards, commit_every_s=s.commit_every_s,
+            families=s.families, student=s.model, exports=s.exports, shards=s.shards, commit_every_s=s.commit_every_s,
             progress_every_s=s.progress_every_s,
         ),
     }

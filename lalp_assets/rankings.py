@@ -7,6 +7,7 @@ import polars as pl
 
 from lalp_assets.metadata import check_result, table_metadata
 from lalp_assets.versions import ensure_version, rankings_version
+from lalp_resources import diagnostics
 from lalp_resources import expectations as gx_suites
 from lalp_resources.markdown import markdown_table
 from lalp_resources.method.aggregation import rank_teachers, ranking_verdict
@@ -28,6 +29,17 @@ ORDER BY s.prompt_id
 """
 
 
+# The weakest steps of each teacher's responses (largest gap below their response's mean), for the UI
+WEAKEST_PER_TEACHER = 3
+WEAKEST_SQL = """
+SELECT s.teacher, s.response_id, s.weakest_step, s.weakest_score, s.weakest_gap, r.text
+FROM response_scores s JOIN reasoning_steps r ON r.response_id = s.response_id AND r.step_index = s.weakest_step
+WHERE s.prompt_id NOT IN (SELECT unnest(?::VARCHAR[])) AND s.weakest_gap IS NOT NULL
+QUALIFY row_number() OVER (PARTITION BY s.teacher ORDER BY s.weakest_gap DESC, s.response_id) <= ?
+ORDER BY s.teacher, s.weakest_gap DESC
+"""
+
+
 def ranking_markdown(rk: pl.DataFrame) -> str:
     view = rk.select(
         "lalp_rank", "teacher",
@@ -36,6 +48,31 @@ def ranking_markdown(rk: pl.DataFrame) -> str:
         pl.format("{} [{}, {}]", pl.col("galp_mean").round(4), pl.col("galp_ci_low").round(4), pl.col("galp_ci_high").round(4)).alias("GALP [95% CI]"),
         pl.col("accuracy").round(3), "n_shared_prompts", "n_responses",
     )
+    extra = diagnostics.table_view(rk)
+    return markdown_table(view.hstack(extra) if extra.width else view)
+
+
+def with_diagnostics(resp: pl.DataFrame, conflicting: list[str]) -> tuple[pl.DataFrame, dict | None]:
+    """Responses with `casl` (one least-squares fit over every teacher's responses, the conflicting
+    prompt ids left out as in the comparison) and `has_heads`; returns the fit too."""
+    resp = resp.with_columns(pl.col("casl_m").is_not_null().alias("has_heads"))
+    fit = diagnostics.casl_fit(resp.filter(~pl.col("prompt_id").is_in(conflicting)))
+    return diagnostics.casl_scores(resp, fit), fit
+
+
+def same_family_column(rk: pl.DataFrame, student_names: list[str], families: dict[str, str]) -> tuple[pl.DataFrame, dict]:
+    flagged = diagnostics.same_family(rk["teacher"].to_list(), student_names, families)
+    fam = {t: diagnostics.family_of(t, families) for t in flagged}
+    return rk.with_columns(pl.col("teacher").replace_strict(fam, default=None, return_dtype=pl.Utf8).alias("same_family")), flagged
+
+
+def weakest_preview(weak: pl.DataFrame) -> str:
+    """Per teacher, its weakest steps: shortened text, score and gap below the response's mean."""
+    if weak.height == 0:
+        return "_(no scored steps)_"
+    view = weak.select("teacher", "response_id", pl.col("weakest_step").alias("step"),
+                       pl.col("weakest_score").round(3).alias("score"), pl.col("weakest_gap").round(3).alias("below mean"),
+                       pl.col("text").map_elements(diagnostics.shorten, return_dtype=pl.Utf8).alias("text (shortened)"))
     return markdown_table(view)
 
 
@@ -52,17 +89,29 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
                               description="GX: every teacher with scored responses appears in the ranking"),
         ],
         description="Teachers ranked by mean LALP over the prompts every teacher answered, with a paired "
-        "bootstrap 95% interval; GALP (the global baseline) and answer accuracy beside it.",
+        "bootstrap 95% interval; GALP (the global baseline) and answer accuracy beside it; the length bias of "
+        "step scores (Spearman rho), the length-corrected DROP-1/DROP-2/CASL with their ranks, a same-family "
+        "warning, and (metadata) each teacher's weakest steps.",
     )
     def teacher_rankings(context: dg.AssetExecutionContext, warehouse: WarehouseResource, settings: PipelineSettingsResource):
         ensure_version(context, rankings_version(settings))
         wh = warehouse.get()
         with wh.connect(read_only=True) as con:
-            resp = query(con, "SELECT teacher, prompt_id, lalp, galp, is_correct FROM response_scores")
+            resp = query(con, "SELECT teacher, prompt_id, lalp, galp, is_correct, drop1, drop2, casl_m, casl_m_first, "
+                              "casl_m_non, casl_f, student FROM response_scores")
             steps = query(con, f"SELECT teacher, mean_logprob FROM step_scores {PLOT_SAMPLE}")
             conflicts = query(con, CONFLICTING_PROMPTS)
-        rk = rank_teachers(resp, n_boot=settings.bootstrap, conflicting=conflicts["prompt_id"].to_list()).with_columns(
+            conflicting = conflicts["prompt_id"].to_list()
+            rho = query(con, diagnostics.LENGTH_BIAS_SQL, [conflicting])
+            weak = query(con, WEAKEST_SQL, [conflicting, WEAKEST_PER_TEACHER])
+        resp, fit = with_diagnostics(resp, conflicting)
+        rk = rank_teachers(resp, n_boot=settings.bootstrap, conflicting=conflicting).with_columns(
             pl.lit(context.run.run_id).alias("rank_run_id"))
+        rk = rk.join(rho, on="teacher", how="left")
+        students = sorted({s.split("@")[0] for s in resp["student"].drop_nulls().unique().to_list()} | {settings.student})
+        rk, flagged = same_family_column(rk, students, diagnostics.parse_families(settings.families))
+        for reason in flagged.values():
+            context.log.warning(reason)
         if conflicts.height:
             context.log.warning(f"{conflicts.height} prompt id(s) hold different prompt texts across responses; left out "
                                 f"of the comparison: {', '.join(conflicts['prompt_id'].head(20).to_list())}")
@@ -81,7 +130,14 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
             metadata=table_metadata(rk, "teacher_rankings", preview_rows=50, ranking=dg.MetadataValue.md(md),
                                     verdict=dg.MetadataValue.text(verdict), **pictures,
                                     n_conflicting_prompts=conflicts.height,
-                                    conflicting_prompts=dg.MetadataValue.md(markdown_table(conflicts.head(100))))
+                                    conflicting_prompts=dg.MetadataValue.md(markdown_table(conflicts.head(100))),
+                                    weakest_steps=dg.MetadataValue.md(weakest_preview(weak)),
+                                    same_family=dg.MetadataValue.md(markdown_table(pl.DataFrame(
+                                        {"teacher": list(flagged), "why": list(flagged.values())},
+                                        schema={"teacher": pl.Utf8, "why": pl.Utf8}))),
+                                    length_corrections_reorder=", ".join(
+                                        diagnostics.LABELS[c] for c in diagnostics.order_changes(rk)) or "none",
+                                    casl_fit=dg.MetadataValue.json(fit or {}))
         )
         yield check_result("every_teacher_ranked", gx_suites.rankings_suite(sorted(resp["teacher"].unique().to_list()), rk))
 

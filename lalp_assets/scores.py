@@ -16,6 +16,7 @@ import polars as pl
 from lalp_assets.metadata import check_result, table_metadata
 from lalp_assets.partitions import Scope, by_teacher, scope_of, settled_partitions
 from lalp_assets.versions import RESPONSES, ensure_version, score_version
+from lalp_resources import diagnostics
 from lalp_resources import expectations as gx_suites
 from lalp_resources.markdown import markdown_table
 from lalp_resources.pipeline import aggregate_responses, score_chunks, score_items, with_shard
@@ -55,7 +56,7 @@ class WarehouseSession:
 
     def __init__(self, wh, hold_s: float = 5.0, idle_s: float = 1.0):
         self.wh, self.hold_s, self.idle_s = wh, hold_s, idle_s
-        self.pending: dict[str, tuple[float, int]] = {}  # scored, not yet committed: the cache sees them
+        self.pending: dict[str, tuple] = {}  # scored, not yet committed: the cache sees them
         self._cm = self._con = None
         self._opened = 0.0
         self._last_end: float | None = None
@@ -84,7 +85,7 @@ class WarehouseSession:
         if cm is not None:
             cm.__exit__(None, None, None)
 
-    def lookup(self, keys: list[str]) -> dict[str, tuple[float, int]]:
+    def lookup(self, keys: list[str]) -> dict[str, tuple]:
         if not keys:
             return {}
         with self.use() as con:
@@ -199,7 +200,8 @@ def _score_chunks_into(context, engine, items, session, meta, teacher_of, cfg, r
             galp.join(teacher_of.rows(galp["response_id"]), on="response_id").with_columns(pl.lit(run_id).alias("score_run_id")))
         cache_rows = frames["score_cache"].with_columns(pl.lit(run_id).alias("created_run_id"))
         pending["score_cache"].append(cache_rows)
-        session.pending.update((k, (s, n)) for k, s, n in cache_rows.select("key", "sum_logprob", "n_tokens").iter_rows())
+        session.pending.update((k, tuple(v)) for k, *v in cache_rows.select(
+            "key", "sum_logprob", "n_tokens", "head1_logprob", "head2_logprob").iter_rows())
         if time.monotonic() - last >= commit_every_s:
             flush()
             last = time.monotonic()
@@ -331,7 +333,8 @@ def build_response_scores(shards: int, partitions_def, backfill) -> dg.AssetsDef
                               description="GX: every response with steps has LALP and GALP"),
         ],
         description="Per response: LALP (mean of its step scores, steps weighted equally) beside GALP "
-        "(mean token log-prob of the whole response given the prompt), with the answer's correctness. "
+        "(mean token log-prob of the whole response given the prompt), with the answer's correctness; its "
+        "weakest step (index, span, score, gap below the mean) and the DROP/CASL inputs. "
         "Per teacher: with shards, it waits for every shard of its teacher.",
     )
     def response_scores(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
@@ -341,7 +344,11 @@ def build_response_scores(shards: int, partitions_def, backfill) -> dg.AssetsDef
         with wh.connect(read_only=True) as con:
             # only the columns LALP needs, and the per-response config aggregated in SQL: not every
             # step row's provenance in memory
-            steps = query(con, "SELECT response_id, mean_logprob FROM step_scores WHERE teacher IN (SELECT unnest(?))", [teachers])
+            # and what the diagnostics need: head sums, and each step's span for the weakest step
+            steps = query(con, "SELECT s.response_id, s.step_index, s.n_tokens, s.sum_logprob, s.mean_logprob, "
+                               "s.head1_logprob, s.head2_logprob, r.char_start, r.char_end FROM step_scores s "
+                               "LEFT JOIN reasoning_steps r USING (response_id, step_index) "
+                               "WHERE s.teacher IN (SELECT unnest(?))", [teachers])
             cfg = query(con, "SELECT response_id, " + ", ".join(f"first({c} ORDER BY step_index) AS {c}" for c in cfg_cols)
                         + " FROM step_scores WHERE teacher IN (SELECT unnest(?)) GROUP BY response_id", [teachers])
             galp = query(con, "SELECT response_id, galp, galp_tokens FROM galp_scores WHERE teacher IN (SELECT unnest(?))", [teachers])
@@ -351,7 +358,8 @@ def build_response_scores(shards: int, partitions_def, backfill) -> dg.AssetsDef
                 "FROM raw_teacher_traces WHERE teacher IN (SELECT unnest(?))", [teachers],
             )
         present = sorted(set(raw["teacher"].unique().to_list()))
-        df = aggregate_responses(steps, galp).join(raw, on="response_id", how="inner").join(cfg, on="response_id", how="left")
+        df = (aggregate_responses(steps, galp).join(raw, on="response_id", how="inner").join(cfg, on="response_id", how="left")
+              .join(diagnostics.per_response(steps).drop("has_heads"), on="response_id", how="left"))
         def replace(con):
             con.execute("DELETE FROM response_scores WHERE teacher IN (SELECT unnest(?))", [present])
             insert(con, "response_scores", df)

@@ -15,8 +15,8 @@ from lalp_resources.resources import PipelineSettingsResource, SegmentationResou
 INGEST = "ingest@2"
 STEPS = "steps@3"  # @3: control-token screen; trace text tokenized as text
 SCORE = "score@2"  # @2: control-token strings in trace text are plain characters
-RESPONSES = "response_scores@2"
-RANKINGS = "rankings@2"
+RESPONSES = "response_scores@3"  # @3: the weakest step and the DROP/CASL inputs
+RANKINGS = "rankings@3"  # @3: length bias, DROP/CASL, same-family
 CURATED = "curated@2"
 
 
@@ -35,7 +35,7 @@ def score_version(student: StudentModelResource, s: PipelineSettingsResource) ->
 
 
 def rankings_version(s: PipelineSettingsResource) -> str:
-    return f"{RANKINGS}|bootstrap={s.bootstrap}"
+    return f"{RANKINGS}|bootstrap={s.bootstrap}|families={s.families}"
 
 
 def curated_version(s: PipelineSettingsResource) -> str:

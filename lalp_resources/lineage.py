@@ -7,6 +7,7 @@ import hashlib
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from lalp_resources.diagnostics import shorten
 from lalp_resources.warehouse import Warehouse, query
 
 
@@ -63,7 +64,7 @@ def lineage_report(response_id: str, warehouse_path: str) -> dict | None:
         resp = query(con, "SELECT * FROM response_scores WHERE response_id = ?", [response_id])
         steps = query(
             con,
-            "SELECT s.step_index, s.char_start, s.char_end, s.steps_run_id, s.segmenter_version, "
+            "SELECT s.step_index, s.char_start, s.char_end, s.text, s.steps_run_id, s.segmenter_version, "
             "sc.n_tokens, sc.mean_logprob, sc.cache_hit, sc.score_run_id "
             "FROM reasoning_steps s LEFT JOIN step_scores sc USING (response_id, step_index) "
             "WHERE s.response_id = ? ORDER BY s.step_index",
@@ -85,7 +86,8 @@ def lineage_report(response_id: str, warehouse_path: str) -> dict | None:
         "answer": {"final_answer": r["final_answer"], "reference_answer": r["reference_answer"],
                    "is_correct": r["is_correct"], "verify_reason": r["verify_reason"]},
         "scores": resp.row(0, named=True) if resp.height else None,
-        "steps": steps.to_dicts(),
+        "weakest": _weakest(resp, steps),
+        "steps": steps.drop("text").to_dicts(),
         "runs": {},
     }
     run_ids = {
@@ -96,6 +98,16 @@ def lineage_report(response_id: str, warehouse_path: str) -> dict | None:
     }
     report["runs"] = {k: _run_info(v) for k, v in run_ids.items()}
     return report
+
+
+def _weakest(resp, steps) -> dict | None:
+    """The response's lowest-scored step (from `response_scores`) with its text."""
+    if resp.height == 0 or "weakest_step" not in resp.columns or resp["weakest_step"][0] is None:
+        return None
+    s = resp.row(0, named=True)
+    text = steps.filter(steps["step_index"] == s["weakest_step"])["text"]
+    return {"step_index": s["weakest_step"], "char_start": s["weakest_char_start"], "char_end": s["weakest_char_end"],
+            "score": s["weakest_score"], "gap": s["weakest_gap"], "text": text[0] if text.len() else None}
 
 
 def format_report(r: dict) -> str:
@@ -115,6 +127,10 @@ def format_report(r: dict) -> str:
     if s:
         lines.append(f"  scores: LALP={s['lalp']:.4f} GALP={s['galp']:.4f} over {s['n_steps']} steps; student={s['student']} "
                      f"window={s['window_spec']} template={s['template']} dtype={s['dtype']} segmenter={s['segmenter_version']}")
+    w = r.get("weakest")
+    if w:
+        lines.append(f"  weakest step: {w['step_index']} chars [{w['char_start']}, {w['char_end']}) mean_logprob={w['score']:.4f}, "
+                     f"{w['gap']:.4f} below the response's mean: {shorten(w['text'], 100)!r}")
     for st in r["steps"]:
         mean = st["mean_logprob"]
         lines.append(f"    step {st['step_index']:>3} chars [{st['char_start']}, {st['char_end']}) tokens={st['n_tokens']} "

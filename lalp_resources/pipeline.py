@@ -215,19 +215,23 @@ def score_items(steps: pl.DataFrame, traces: pl.DataFrame) -> list:
 
 
 STEP_SCORE_SCHEMA = {"response_id": pl.Utf8, "step_index": pl.Int32, "n_tokens": pl.Int32, "sum_logprob": pl.Float64,
-                     "mean_logprob": pl.Float64, "cache_hit": pl.Boolean}
+                     "mean_logprob": pl.Float64, "cache_hit": pl.Boolean, "head1_logprob": pl.Float64,
+                     "head2_logprob": pl.Float64}
+CACHE_SCHEMA = {"key": pl.Utf8, "sum_logprob": pl.Float64, "n_tokens": pl.Int32, "head1_logprob": pl.Float64,
+                "head2_logprob": pl.Float64}
 GALP_SCHEMA = {"response_id": pl.Utf8, "galp": pl.Float64, "galp_tokens": pl.Int32}
 
 
 def chunk_frames(chunk, namespace: str) -> dict[str, pl.DataFrame]:
     """One engine chunk as frames: `step_scores` (bare), `galp_scores` (bare), `score_cache`."""
     steps = pl.DataFrame(
-        [(s.response_id, s.step_index, s.n_tokens, s.sum_logprob, s.mean_logprob, s.cached) for s in chunk.steps],
+        [(s.response_id, s.step_index, s.n_tokens, s.sum_logprob, s.mean_logprob, s.cached, s.head1_logprob,
+          s.head2_logprob) for s in chunk.steps],
         schema=STEP_SCORE_SCHEMA, orient="row",
     )
     galp = pl.DataFrame([(r.response_id, r.galp, r.galp_tokens) for r in chunk.responses], schema=GALP_SCHEMA, orient="row")
     cache = pl.DataFrame(
-        chunk.new_cache_rows, schema={"key": pl.Utf8, "sum_logprob": pl.Float64, "n_tokens": pl.Int32}, orient="row"
+        chunk.new_cache_rows, schema=CACHE_SCHEMA, orient="row"
     ).with_columns(pl.lit(namespace).alias("namespace"))
     return {"score_cache": cache, "step_scores": steps, "galp_scores": galp}
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lalp_resources.engine.head import window_sums
 from lalp_resources.method.windows import WindowSpec
 from lalp_resources.method.tokenization import prefix_ids, scored_range, tokenize_with_starts
 
@@ -16,6 +17,8 @@ from lalp_resources.method.tokenization import prefix_ids, scored_range, tokeniz
 class ReferenceResult:
     step_sums: list[float]      # sum of scored-token log-probs per step
     step_counts: list[int]      # scored tokens per step
+    step_head1: list[float | None]  # log-prob of each step's first scored token (None: no token)
+    step_head2: list[float | None]  # sum over its first two (None: under two tokens)
     galp_sum: float
     galp_count: int
     galp_token_logprobs: list[float]
@@ -48,14 +51,17 @@ def token_logprobs(model, prefix: list[int], ids: list[int]) -> list[float]:
 def reference_score(model, tokenizer, prompt: str, text: str, spans, window="fixed:4", template="chat") -> ReferenceResult:
     window = WindowSpec.parse(window)
     prefix = prefix_ids(tokenizer, prompt, template)
-    sums, counts = [], []
+    sums, counts, head1, head2 = [], [], [], []
     for i, (lo, hi) in enumerate(spans):
         a = spans[window.start(i)][0]
         ids, starts = tokenize_with_starts(tokenizer, text[a:hi])
         j0, j1 = scored_range(starts, lo - a, hi - a)
         lps = token_logprobs(model, prefix, ids[:j1])[j0:j1] if j1 > j0 else []
-        sums.append(float(sum(lps)))
-        counts.append(len(lps))
+        s, n, h1, h2 = window_sums(lps)
+        sums.append(s)
+        counts.append(n)
+        head1.append(h1)
+        head2.append(h2)
     ids, starts = tokenize_with_starts(tokenizer, text)
     lps = token_logprobs(model, prefix, ids) if ids else []
-    return ReferenceResult(sums, counts, float(sum(lps)), len(lps), lps, starts)
+    return ReferenceResult(sums, counts, head1, head2, float(sum(lps)), len(lps), lps, starts)

@@ -14,6 +14,7 @@ from pathlib import Path
 import polars as pl
 
 from lalp_resources.markdown import escape_cell, markdown_table
+from lalp_resources import diagnostics
 from lalp_resources.method.aggregation import ranking_verdict
 
 
@@ -120,6 +121,7 @@ def write_report(out_dir: Path, rk: pl.DataFrame, steps: pl.DataFrame, mix: pl.D
         "lalp_rank", "teacher", pl.col("lalp_mean").round(4), pl.col("lalp_ci_low").round(4), pl.col("lalp_ci_high").round(4),
         "galp_rank", pl.col("galp_mean").round(4), pl.col("accuracy").round(3), "n_shared_prompts",
     )
+    diag = diagnostics.table_view(rk)
     reasons = (
         decisions.with_columns(pl.col("reason").str.replace(r" \(.*", "").str.replace(r" than .*", ""))
         .group_by("reason").len().sort("len", descending=True).rename({"len": "candidates"})
@@ -142,6 +144,16 @@ def write_report(out_dir: Path, rk: pl.DataFrame, steps: pl.DataFrame, mix: pl.D
         "![ranking](ranking.png)",
         "",
         markdown_table(view),
+        "",
+        "## Length bias, length-corrected scores, same family",
+        "",
+        "A mean token log-prob favours long steps (the first tokens of a step, its branching point, score low and "
+        "a long step dilutes them). `length rho`: Spearman correlation of step score with step token count. "
+        "DROP-1/DROP-2: LALP without the first 1/2 tokens of each step; CASL: the response's mean token log-prob "
+        "minus its fitted step-head-share term (docs/method.md). A teacher of the student's own family is "
+        "flagged: its rank is suspect.",
+        "",
+        markdown_table(rk.select("teacher").hstack(diag)) if diag.width else "_(no diagnostics in this ranking)_",
         "",
         "## Step-score distributions",
         "",

@@ -90,6 +90,8 @@ class PipelineSettingsResource(dg.ConfigurableResource):
     control_tokens: str
     require_correct: bool
     bootstrap: int
+    families: str   # LALP_FAMILIES: the same-family table's additions
+    student: str    # LALP_MODEL, as the user named the student (matched for the same-family warning)
     exports: str
     shards: int
     commit_every_s: float

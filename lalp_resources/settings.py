@@ -113,6 +113,9 @@ class Settings:
         "LALP_REQUIRE_CORRECT", "only verified-correct answers are eligible where a reference exists"))
     bootstrap: int = field(default=1000, metadata=_meta(
         "LALP_BOOTSTRAP", "bootstrap resamples for the ranking's 95% intervals"))
+    families: str = field(default="", metadata=_meta(
+        "LALP_FAMILIES", "model families for the same-family warning, `name=regex,...` (case-insensitive), added to "
+        "or replacing entries of the built-in table (qwen, llama, smollm, mistral, gemma, phi, deepseek, ...)"))
     # -- scale and automation
     commit_every_s: float = field(default=2.0, metadata=_meta(
         "LALP_COMMIT_EVERY_S", "`step_scores` commits its scored chunks at most this often (seconds): a kill "
@@ -145,6 +148,9 @@ class Settings:
             raise ValueError(f"LALP_COMMIT_EVERY_S={self.commit_every_s}: expected 0 or more seconds")
         if not self.progress_every_s >= 0:
             raise ValueError(f"LALP_PROGRESS_EVERY_S={self.progress_every_s}: expected 0 or more seconds")
+        from lalp_resources.diagnostics import parse_families
+
+        parse_families(self.families)  # a bad entry fails here, with the entry named
 
     # ------------------------------------------------------------------ construction
 

@@ -75,6 +75,21 @@ SCORE_CONFIG = (
     "template VARCHAR, dtype VARCHAR"
 )
 
+# Columns of migration 5 (the diagnostics, lalp_resources/diagnostics.py), beside today's
+HEAD_SUMS = (("head1_logprob", "DOUBLE"), ("head2_logprob", "DOUBLE"))
+RESPONSE_DIAGNOSTIC_COLUMNS = (
+    ("weakest_step", "INTEGER"), ("weakest_char_start", "INTEGER"), ("weakest_char_end", "INTEGER"),
+    ("weakest_score", "DOUBLE"), ("weakest_gap", "DOUBLE"), ("drop1", "DOUBLE"), ("drop2", "DOUBLE"),
+    ("casl_m", "DOUBLE"), ("casl_m_first", "DOUBLE"), ("casl_m_non", "DOUBLE"), ("casl_f", "DOUBLE"),
+)
+RANKING_DIAGNOSTIC_COLUMNS = (
+    ("length_rho", "DOUBLE"), ("drop1_mean", "DOUBLE"), ("drop1_rank", "INTEGER"), ("drop2_mean", "DOUBLE"),
+    ("drop2_rank", "INTEGER"), ("casl_mean", "DOUBLE"), ("casl_rank", "INTEGER"),
+    ("n_responses_without_heads", "INTEGER"), ("same_family", "VARCHAR"),
+)
+RESPONSE_DIAGNOSTICS = ", ".join(f"{c} {t}" for c, t in RESPONSE_DIAGNOSTIC_COLUMNS)
+RANKING_DIAGNOSTICS = ", ".join(f"{c} {t}" for c, t in RANKING_DIAGNOSTIC_COLUMNS)
+
 SCHEMA: dict[str, str] = {
     "raw_teacher_traces": """
         response_id VARCHAR PRIMARY KEY, prompt_id VARCHAR NOT NULL, teacher VARCHAR NOT NULL,
@@ -108,11 +123,11 @@ SCHEMA: dict[str, str] = {
         PRIMARY KEY (response_id, step_index)""",
     "score_cache": """
         key VARCHAR PRIMARY KEY, sum_logprob DOUBLE, n_tokens INTEGER, namespace VARCHAR,
-        created_run_id VARCHAR, created_at TIMESTAMP""",
+        created_run_id VARCHAR, created_at TIMESTAMP, head1_logprob DOUBLE, head2_logprob DOUBLE""",
     "step_scores": f"""
         response_id VARCHAR, prompt_id VARCHAR, teacher VARCHAR, step_index INTEGER,
         n_tokens INTEGER, sum_logprob DOUBLE, mean_logprob DOUBLE, cache_hit BOOLEAN,
-        {SCORE_CONFIG}, {PROVENANCE}, score_run_id VARCHAR,
+        {SCORE_CONFIG}, {PROVENANCE}, score_run_id VARCHAR, head1_logprob DOUBLE, head2_logprob DOUBLE,
         PRIMARY KEY (response_id, step_index)""",
     "galp_scores": """
         response_id VARCHAR PRIMARY KEY, teacher VARCHAR, galp DOUBLE, galp_tokens INTEGER,
@@ -120,12 +135,12 @@ SCHEMA: dict[str, str] = {
     "response_scores": f"""
         response_id VARCHAR PRIMARY KEY, prompt_id VARCHAR, teacher VARCHAR, n_steps INTEGER,
         lalp DOUBLE, galp DOUBLE, galp_tokens INTEGER, is_correct BOOLEAN,
-        {SCORE_CONFIG}, {PROVENANCE}, score_run_id VARCHAR""",
-    "teacher_rankings": """
+        {SCORE_CONFIG}, {PROVENANCE}, score_run_id VARCHAR, {RESPONSE_DIAGNOSTICS}""",
+    "teacher_rankings": f"""
         teacher VARCHAR PRIMARY KEY, lalp_rank INTEGER, galp_rank INTEGER, n_shared_prompts INTEGER,
         n_responses INTEGER, lalp_mean DOUBLE, lalp_ci_low DOUBLE, lalp_ci_high DOUBLE,
         galp_mean DOUBLE, galp_ci_low DOUBLE, galp_ci_high DOUBLE, accuracy DOUBLE,
-        rank_run_id VARCHAR, n_conflicting_prompts INTEGER""",
+        rank_run_id VARCHAR, n_conflicting_prompts INTEGER, {RANKING_DIAGNOSTICS}""",
     "selection_decisions": """
         prompt_id VARCHAR, response_id VARCHAR, teacher VARCHAR, lalp DOUBLE, is_correct BOOLEAN,
         eligible BOOLEAN, chosen BOOLEAN, reason VARCHAR, select_run_id VARCHAR,
@@ -159,6 +174,13 @@ MIGRATIONS: tuple[Migration, ...] = (
               (("teacher_rankings", "n_conflicting_prompts", "INTEGER"),)),
     Migration(4, "source_files.etag: an object-store source's version (a file has mtime_ns)",
               (("source_files", "etag", "VARCHAR"),)),
+    # Cache rows and step scores of an earlier release keep NULL head sums: their LALP/GALP stand,
+    # DROP/CASL leave those responses out and count them (teacher_rankings.n_responses_without_heads)
+    Migration(5, "diagnostics: head sums in score_cache/step_scores, the weakest step and DROP/CASL inputs in "
+                 "response_scores, length bias, DROP/CASL and same-family in teacher_rankings",
+              tuple((t, c, k) for t in ("score_cache", "step_scores") for c, k in HEAD_SUMS)
+              + tuple(("response_scores", c, k) for c, k in RESPONSE_DIAGNOSTIC_COLUMNS)
+              + tuple(("teacher_rankings", c, k) for c, k in RANKING_DIAGNOSTIC_COLUMNS)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 # the schema's history: one row per version reached (created, found, migrated), newest last
@@ -805,8 +827,9 @@ def replace_all(con, table: str, df: pl.DataFrame) -> int:
     return run_transaction(con, body)
 
 
-def cached_scores(warehouse: "Warehouse", keys: list[str]) -> dict[str, tuple[float, int]]:
-    """The `score_cache` rows for these keys: key -> (sum_logprob, n_tokens). Read-only; an absent
+def cached_scores(warehouse: "Warehouse", keys: list[str]) -> dict[str, tuple]:
+    """The `score_cache` rows for these keys: key -> (sum_logprob, n_tokens, head1_logprob,
+    head2_logprob), heads None for a row written before head sums existed. Read-only; an absent
     warehouse is an empty cache. The keys are joined as an Arrow table (a hash join: one scan of
     the cache, whatever its size, instead of a per-key list membership test)."""
     if not keys:
@@ -820,17 +843,18 @@ def cached_scores(warehouse: "Warehouse", keys: list[str]) -> dict[str, tuple[fl
         return {}
 
 
-def lookup_scores(con, keys: Sequence[str]) -> dict[str, tuple[float, int]]:
+def lookup_scores(con, keys: Sequence[str]) -> dict[str, tuple]:
     import pyarrow as pa
 
     con.register("_lalp_keys", pa.table({"key": pa.array(list(dict.fromkeys(keys)), pa.string())}))
     try:
         rows = con.execute(
-            "SELECT c.key, c.sum_logprob, c.n_tokens FROM score_cache c JOIN _lalp_keys k ON c.key = k.key"
+            "SELECT c.key, c.sum_logprob, c.n_tokens, c.head1_logprob, c.head2_logprob "
+            "FROM score_cache c JOIN _lalp_keys k ON c.key = k.key"
         ).fetchall()
     finally:
         con.unregister("_lalp_keys")
-    return {k: (s, n) for k, s, n in rows}
+    return {k: (s, n, h1, h2) for k, s, n, h1, h2 in rows}
 
 
 # One query answers "where did this curated row come from?"

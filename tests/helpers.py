@@ -182,6 +182,12 @@ def assert_matches_reference(model, tok, items, window, template, engine_cls=Non
         for s, rs, rc in zip(got, ref.step_sums, ref.step_counts):
             if rc:
                 worst = max(worst, abs(s.mean_logprob - rs / rc))
+        # the head sums (first 1 and 2 scored tokens of each window): present exactly where the reference has them
+        for s, h1, h2 in zip(got, ref.step_head1, ref.step_head2):
+            assert (s.head1_logprob is None, s.head2_logprob is None) == (h1 is None, h2 is None), (s, h1, h2)
+            for g, w in ((s.head1_logprob, h1), (s.head2_logprob, h2)):
+                if w is not None:
+                    worst = max(worst, abs(g - w))
         resp = next(r for r in out.responses if r.response_id == it.response_id)
         assert resp.galp_tokens == ref.galp_count
         worst = max(worst, abs(resp.galp - ref.galp), abs(resp.lalp - ref.lalp))

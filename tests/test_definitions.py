@@ -216,11 +216,11 @@ def test_definitions_snapshot(defs):
         "reasoning_steps": {"partitions": "teacher", "pools": [], "checks": ["steps_tile_responses"],
                             "code_version": "steps@3|paragraph||smollm2|max_prompts=5|tokens=8192,65536|control_tokens=quarantine|chat"},
         "response_scores": {"partitions": "teacher", "pools": [], "checks": ["every_response_scored"],
-                            "code_version": "response_scores@2"},
+                            "code_version": "response_scores@3"},
         "step_scores": {"partitions": "teacher", "pools": ["gpu"], "checks": ["step_scores_valid"],
                         "code_version": "score@2|smollm2|auto|fixed:4|chat"},
         "teacher_rankings": {"partitions": None, "pools": [], "checks": ["every_teacher_ranked"],
-                             "code_version": "rankings@2|bootstrap=1000"},
+                             "code_version": "rankings@3|bootstrap=1000|families="},
     }
 
 
@@ -254,7 +254,7 @@ def test_a_run_with_other_resource_config_is_refused(tmp_path):
     assert not result.success
     failures = [e for e in result.all_events if e.is_step_failure]
     msg = failures[0].step_failure_data.error.message
-    assert "rankings@2|bootstrap=7" in msg and "rankings@2|bootstrap=50" in msg and "LALP_" in msg
+    assert "rankings@3|bootstrap=7|" in msg and "rankings@3|bootstrap=50|" in msg and "LALP_" in msg
 
 
 def test_rescore_schedule_requests_teacher_partitions(defs, tmp_path, monkeypatch):

@@ -406,3 +406,72 @@ def test_compiled_layers_equal_the_reference_and_keep_attention_sparse(smol_toke
     # asked for on the dense path, compile is not applied (transformers' own attention runs there)
     dense = ScoringEngine(tiny_llama(len(smol_tokenizer), seed=4), smol_tokenizer, attention="dense", compile=True)
     assert not dense.compiled
+
+
+class _SumsOnlyAccumulator:
+    """The accumulator as it was before head sums: sums and counts only (heads left zero)."""
+
+    def __init__(self, n_local, device):
+        self.acc = torch.zeros((2, max(1, n_local)), dtype=torch.float64, device=device)
+
+    def add(self, local_task, logprobs, rank):
+        self.acc[0].index_add_(0, local_task, logprobs.to(torch.float64))
+        self.acc[1].index_add_(0, local_task, torch.ones_like(logprobs, dtype=torch.float64))
+
+    def fetch(self):
+        a = self.acc.cpu().numpy()
+        return a[0], a[1], a[0] * 0, a[0] * 0
+
+
+@pytest.mark.parametrize("attention", ["sparse", "dense"])
+def test_head_sums_leave_every_score_bit_identical(tiny_model, smol_tokenizer, monkeypatch, attention):
+    """Keeping the head sums changes no step sum, step mean, LALP or GALP by a single bit: the
+    same engine with a sums-only accumulator gives == equal numbers."""
+    import lalp_resources.engine.exact as exact
+
+    items = make_items(smol_tokenizer, "paragraph", n=5, seed=11)
+    kw = dict(attention=attention, batch_tokens=256, row_tokens=96, query_chunk=16, attn_budget=1 << 13)
+    with_heads = ScoringEngine(tiny_model, smol_tokenizer, **kw).score_all(items)
+    monkeypatch.setattr(exact, "DeviceAccumulator", _SumsOnlyAccumulator)
+    without = ScoringEngine(tiny_model, smol_tokenizer, **kw).score_all(items)
+    assert [(s.response_id, s.step_index, s.n_tokens, s.sum_logprob) for s in with_heads.steps] == \
+        [(s.response_id, s.step_index, s.n_tokens, s.sum_logprob) for s in without.steps]
+    assert [(r.lalp, r.galp, r.galp_tokens) for r in with_heads.responses] == \
+        [(r.lalp, r.galp, r.galp_tokens) for r in without.responses]
+    assert all(s.head1_logprob is not None for s in with_heads.steps if s.n_tokens)
+    assert [row[:3] for row in with_heads.new_cache_rows] == [row[:3] for row in without.new_cache_rows]
+
+
+def test_window_sums_is_the_cache_rows_definition(tiny_model, smol_tokenizer):
+    """`window_sums` (what a backend with per-token log-probs calls) on the reference's token
+    log-probs gives the engine's cache row (sum, n, head1, head2) within the engine tolerance."""
+    from lalp_resources.engine import window_sums
+    from lalp_resources.reference import token_logprobs
+
+    assert window_sums([]) == (0.0, 0, None, None)
+    assert window_sums([-1.5]) == (-1.5, 1, -1.5, None)
+    assert window_sums([-1.0, -2.0, -4.0]) == (-7.0, 3, -1.0, -3.0)
+    text = "Let x = 2.\nThen x^2 = 4.\nSo the answer is 4."
+    spans = segment(text, "line")
+    out = ScoringEngine(tiny_model, smol_tokenizer, window="fixed:all", galp=False).score_all(
+        [ScoreItem("r", "Q?", text, spans)])
+    pre = prefix_ids(smol_tokenizer, "Q?", "chat")
+    for (lo, hi), step in zip(spans, out.steps):
+        ids, starts = tokenize_with_starts(smol_tokenizer, text[:hi])
+        lps = [lp for lp, s in zip(token_logprobs(tiny_model, pre, ids), starts) if s >= lo]
+        s, n, h1, h2 = window_sums(lps)
+        assert n == step.n_tokens and abs(s - step.sum_logprob) < TOL * n
+        assert abs(h1 - step.head1_logprob) < TOL and abs(h2 - step.head2_logprob) < TOL
+
+
+def test_cache_rows_without_head_sums_keep_their_scores(tiny_model, smol_tokenizer):
+    """A cache written before head sums (key, sum, n) still serves its scores; the steps have None heads."""
+    items = make_items(smol_tokenizer, "paragraph", n=3, seed=5)
+    cache = DictCache()
+    first = ScoringEngine(tiny_model, smol_tokenizer, cache=cache).score_all(items)
+    cache.store([row[:3] for row in first.new_cache_rows])  # an earlier release's rows
+    eng = ScoringEngine(tiny_model, smol_tokenizer, cache=cache)
+    again = eng.score_all(items)
+    assert eng.stats.windows_scored == 0
+    assert [s.sum_logprob for s in again.steps] == [s.sum_logprob for s in first.steps]
+    assert all(s.head1_logprob is None and s.head2_logprob is None for s in again.steps)

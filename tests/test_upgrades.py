@@ -141,7 +141,8 @@ def damaged_copies(tmp_path: Path) -> dict[str, Path]:
     good = tmp_path / "good.duckdb"
     wh = Warehouse(good)
     with wh.connect() as con:
-        con.execute("INSERT INTO score_cache SELECT md5(range::VARCHAR), -1.0, 3, 'ns', 'run', now()::TIMESTAMP FROM range(100000)")
+        con.execute("INSERT INTO score_cache SELECT md5(range::VARCHAR), -1.0, 3, 'ns', 'run', now()::TIMESTAMP, -0.5, -1.0 "
+                    "FROM range(100000)")
     size = good.stat().st_size
     out = {}
     # where the table's blocks are (the file's tail holds free blocks, whose loss DuckDB never sees)
@@ -175,3 +176,34 @@ def test_a_damaged_duckdb_file_is_refused_with_a_clear_message_and_its_bytes_kep
                     con.execute(READ_ALL).fetchone()  # every block is read
             assert str(path) in str(e.value), name
         assert sha256(path) == before, name
+
+
+def test_cache_rows_from_before_head_sums_keep_their_scores_with_null_heads(tmp_path):
+    """Migration 5 adds the head sums: a cache row and a step score written at version 4 keep
+    their sum and count, their heads read as NULL (None), and a new row carries its heads."""
+    from lalp_resources.warehouse import cached_scores
+
+    for wh in backends(tmp_path):
+        with wh.connect():
+            pass
+        downgrade(wh, 4)
+        with wh.connect(read_only=True) as con:
+            assert "head1_logprob" not in W.columns(con, "score_cache")
+        # what a version-4 release wrote: no head columns to fill (DuckDB lets the file be written as it is)
+        con = duckdb.connect(str(wh.target.path)) if not wh.is_lake else None
+        if con is None:
+            with wh.connect(read_only=False) as c2:  # DuckLake: the migration runs on open; write after it
+                insert(c2, "score_cache", pl.DataFrame({"key": ["old"], "sum_logprob": [-6.0], "n_tokens": [4]}))
+        else:
+            con.execute("INSERT INTO score_cache (key, sum_logprob, n_tokens) VALUES ('old', -6.0, 4)")
+            con.execute("INSERT INTO step_scores (response_id, step_index, n_tokens, sum_logprob, mean_logprob) "
+                        "VALUES ('r', 0, 4, -6.0, -1.5)")
+            con.close()
+        with wh.connect() as c2:
+            insert(c2, "score_cache", pl.DataFrame({"key": ["new"], "sum_logprob": [-3.0], "n_tokens": [2],
+                                                   "head1_logprob": [-2.0], "head2_logprob": [-3.0]}))
+        assert history(wh)[-1][0] == W.SCHEMA_VERSION
+        got = cached_scores(wh, ["old", "new"])
+        assert got == {"old": (-6.0, 4, None, None), "new": (-3.0, 2, -2.0, -3.0)}
+        if not wh.is_lake:
+            assert wh.read("SELECT sum_logprob, mean_logprob, head1_logprob FROM step_scores").rows() == [(-6.0, -1.5, None)]

@@ -166,7 +166,7 @@ def _check(r: dict) -> None:
     assert {row[0]: (row[1], row[4]) for row in r["score_cache"]} == {"k1": (-1.0, "run1"), "k2": (-1.0, "run1"), "k3": (-9.0, "run2")}
     assert sorted((row[0], row[1]) for row in r["teacher_rankings"]) == [("a", 1), ("b", 2)]
     assert r["lineage"] == [("q0", "a-r0", 0, -1.0)]
-    assert r["cached"] == {"k1": (-1.0, 3), "k3": (-9.0, 3)}
+    assert r["cached"] == {"k1": (-1.0, 3, None, None), "k3": (-9.0, 3, None, None)}  # rows written without head sums
     assert r["read"] == [6]
 
 

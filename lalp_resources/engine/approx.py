@@ -73,15 +73,15 @@ class ApproximateScoringEngine(ScoringEngine):
             targets, galp_targets = [], []
             for k in ks:
                 if tasks[k].step == GALP_STEP:
-                    galp_targets = [(j - 1 if j else -1, ids[j], k) for j in range(len(ids))]
+                    galp_targets = [(j - 1 if j else -1, ids[j], k, min(j, 2)) for j in range(len(ids))]
                     continue
                 a, b = spans[tasks[k].step]
                 j0, j1 = bisect.bisect_left(starts, a), bisect.bisect_left(starts, b)
-                targets += [(j - 1 if j else -1, ids[j], k) for j in range(j0, j1)]
+                targets += [(j - 1 if j else -1, ids[j], k, min(j - j0, 2)) for j in range(j0, j1)]
             if targets:
-                need = max(p for p, _, _ in targets) + 1
+                need = max(t[0] for t in targets) + 1
                 units.append(SlidingUnit(prompt_index[it.prompt], ids[:need], [], targets, lo[:need]))
             if galp_targets:
-                need = max(p for p, _, _ in galp_targets) + 1
+                need = max(t[0] for t in galp_targets) + 1
                 units.append(Unit(prompt_index[it.prompt], ids[:need], [], galp_targets))
         return units

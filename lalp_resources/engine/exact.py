@@ -44,7 +44,9 @@ from lalp_resources.engine.plan import (
     GALP_STEP, Layout, Task, Unit, batch_rows, build_units, dense_layout, pack_rows, pack_sparse, split_tiles,
     token_ranges, window_plans,
 )
-from lalp_resources.engine.types import EngineStats, ResponseScore, ScoreCache, ScoredChunk, ScoreItem, StepScore
+from lalp_resources.engine.types import (
+    EngineStats, ResponseScore, ScoreCache, ScoredChunk, ScoreItem, StepScore, cache_row,
+)
 from lalp_resources.method.tokenization import prefix_ids, scored_range, tokenize_many, window_key
 from lalp_resources.method.windows import WindowSpec
 
@@ -247,40 +249,43 @@ class ScoringEngine:
         self.stats.windows_scored += len(todo)
         units = self._build_units(items, plans, toks, tasks, todo, prompt_index)
         if units:
-            sums = np.zeros(len(tasks), dtype=np.float64)
-            counts = np.zeros(len(tasks), dtype=np.float64)
+            # per task: sum, count, head1, head2 (see head.DeviceAccumulator)
+            totals = np.zeros((4, len(tasks)), dtype=np.float64)
             with torch.no_grad():
                 if self.attention == "sparse":
-                    self._run_sparse(units, prefixes, sums, counts)
+                    self._run_sparse(units, prefixes, totals)
                 else:
-                    self._run_dense(units, prefixes, sums, counts)
+                    self._run_dense(units, prefixes, totals)
+            sums, counts, head1, head2 = totals
             for k, t in enumerate(tasks):
                 if counts[k]:
                     t.sum, t.count = float(sums[k]), int(counts[k])
+                    t.head1 = float(head1[k])
+                    t.head2 = float(head2[k]) if counts[k] >= 2 else None
         out = self._assemble(items, tasks, todo, hits)
         self.stats.host_seconds += time.perf_counter() - h0 - (self._model_seconds - model_s0)
         return out
 
     def _assemble(self, items, tasks, todo, hits) -> ScoredChunk:
-        new_rows = [(tasks[k].key, tasks[k].sum, tasks[k].count) for k in todo]
-        per_item: dict[int, dict[int, tuple[float, int, bool]]] = defaultdict(dict)
+        new_rows = [(tasks[k].key, tasks[k].sum, tasks[k].count, tasks[k].head1, tasks[k].head2) for k in todo]
+        per_item: dict[int, dict[int, tuple]] = defaultdict(dict)
         for t in tasks:
             if t.key in hits:
-                s, c = hits[t.key]
-                per_item[t.item][t.step] = (float(s), int(c), True)
+                s, c, h1, h2 = cache_row(hits[t.key])
+                per_item[t.item][t.step] = (float(s), int(c), True, h1, h2)
             else:
-                per_item[t.item][t.step] = (t.sum, t.count, False)
+                per_item[t.item][t.step] = (t.sum, t.count, False, t.head1, t.head2)
         steps_out, resp_out = [], []
         for n, it in enumerate(items):
             res = per_item[n]
             means = []
             for i in range(len(it.spans)):
-                s, c, cached = res[i]
-                steps_out.append(StepScore(it.response_id, i, c, s, cached))
+                s, c, cached, h1, h2 = res[i]
+                steps_out.append(StepScore(it.response_id, i, c, s, cached, h1, h2))
                 if c:
                     means.append(s / c)
             lalp = float(np.mean(means)) if means else float("nan")
-            gs, gc, _ = res.get(GALP_STEP, (float("nan"), 0, False))
+            gs, gc, *_ = res.get(GALP_STEP, (float("nan"), 0, False))
             resp_out.append(ResponseScore(it.response_id, len(it.spans), lalp, gs / gc if gc else float("nan"), gc))
         return ScoredChunk(steps_out, resp_out, new_rows)
 
@@ -292,22 +297,23 @@ class ScoringEngine:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
 
-    def _head_into(self, acc: DeviceAccumulator, h: torch.Tensor, rows, pos, toks, local) -> None:
+    def _head_into(self, acc: DeviceAccumulator, h: torch.Tensor, rows, pos, toks, local, ranks) -> None:
         """Log-probs of `toks` predicted by h[rows, pos], added to the batch's accumulator."""
         if len(toks) == 0:
             return
         hb = h[self._to_device(rows), self._to_device(pos)] if h.dim() == 3 else h[self._to_device(pos)]
         lp = target_logprobs(self.head, hb, self._to_device(toks), softcap=self.softcap)
-        acc.add(self._to_device(local), lp)
+        acc.add(self._to_device(local), lp, self._to_device(ranks))
         self.stats.head_positions += len(toks)
 
-    def _collect(self, pending, sums, counts) -> None:
-        """The batch's one device-to-host copy, then host-side scatter into the group's tasks."""
+    def _collect(self, pending, totals) -> None:
+        """The batch's one device-to-host copy, then host-side scatter into the group's tasks
+        (totals: sum, count, head1, head2 rows)."""
         acc, tasks = pending
-        s, c = acc.fetch()
+        fetched = acc.fetch()
         self.stats.host_copies += 1
-        np.add.at(sums, tasks, s[: len(tasks)])
-        np.add.at(counts, tasks, c[: len(tasks)])
+        for row, got in zip(totals, fetched):
+            np.add.at(row, tasks, got[: len(tasks)])
 
     def _progress(self, done: int, work: int) -> None:
         if self._on_batch and done < work:
@@ -323,7 +329,7 @@ class ScoringEngine:
 
     # -- sparse path ----------------------------------------------------------------------
 
-    def _run_sparse(self, units: list[Unit], prefixes, sums, counts) -> None:
+    def _run_sparse(self, units: list[Unit], prefixes, totals) -> None:
         layouts = pack_sparse(units, prefixes, self.batch_tokens)
         work = sum(u.length for u in units) or 1
         done, pending = 0, None
@@ -335,12 +341,12 @@ class ScoringEngine:
             for key in [k for k in stash if last_use.get(k[1], -1) <= b]:
                 del stash[key]  # no later batch reads this prompt's prefix keys
             if pending is not None:
-                self._collect(pending, sums, counts)
+                self._collect(pending, totals)
             pending = launched
             done += lay.real_tokens
             self._progress(done, work)
         if pending is not None:
-            self._collect(pending, sums, counts)
+            self._collect(pending, totals)
 
     def _launch_sparse(self, lay: Layout, stash: dict):
         try:
@@ -369,31 +375,31 @@ class ScoringEngine:
         with attn.sparse_attention_enabled(self.model):
             out = self.model.model(input_ids=ids, position_ids=pos, use_cache=False, lalp_plan=plan)
         self.stats.forward_calls += 1
-        self._head_into(acc, out.last_hidden_state[0], lay.tgt_row, lay.tgt_pos, lay.tgt_tok, lay.tgt_task)
+        self._head_into(acc, out.last_hidden_state[0], lay.tgt_row, lay.tgt_pos, lay.tgt_tok, lay.tgt_task, lay.tgt_rank)
         self._account(lay)
         self._model_seconds += time.perf_counter() - t0
         return acc, lay.tasks
 
     # -- dense path (fallback) ------------------------------------------------------------
 
-    def _run_dense(self, units: list[Unit], prefixes, sums, counts) -> None:
+    def _run_dense(self, units: list[Unit], prefixes, totals) -> None:
         used = sorted({u.prompt for u in units})
         slot = {p: k for k, p in enumerate(used)}
-        pre_kv, pre_len = self._prefix_forward([prefixes[p] for p in used], units, slot, sums, counts)
+        pre_kv, pre_len = self._prefix_forward([prefixes[p] for p in used], units, slot, totals)
         batches = batch_rows(pack_rows(units, self.row_tokens), self.batch_tokens)
         work = sum(u.length for u in units) or 1
         done, pending = 0, None
         for batch in batches:
             launched = self._launch_dense(batch, pre_kv, pre_len, slot)
             if pending is not None:
-                self._collect(pending, sums, counts)
+                self._collect(pending, totals)
             pending = launched
             done += sum(u.length for r in batch for u in r)
             self._progress(done, work)
         if pending is not None:
-            self._collect(pending, sums, counts)
+            self._collect(pending, totals)
 
-    def _prefix_forward(self, prefixes: list[list[int]], units, slot, sums, counts):
+    def _prefix_forward(self, prefixes: list[list[int]], units, slot, totals):
         """Right-padded batched prefix pass: per-layer KV [P, kvh, Lmax, hd], lengths, and the
         log-probs of every window's first token (predicted by its prefix's last position)."""
         t0 = time.perf_counter()
@@ -414,13 +420,13 @@ class ScoringEngine:
         self.stats.forward_calls += 1
         self.stats.prefix_tokens += sum(len(p) for p in prefixes)
         self.stats.padded_tokens += P * L - sum(len(p) for p in prefixes)
-        targets = [(slot[u.prompt], len(prefixes[slot[u.prompt]]) - 1, t, kk) for u in units for q, t, kk in u.targets if q < 0]
+        targets = [(slot[u.prompt], len(prefixes[slot[u.prompt]]) - 1, t, kk, r) for u in units for q, t, kk, r in u.targets if q < 0]
         if targets:
             a = np.asarray(targets, dtype=np.int64)
             tasks, local = np.unique(a[:, 3], return_inverse=True)
             acc = DeviceAccumulator(len(tasks), self.device)
-            self._head_into(acc, out.last_hidden_state, a[:, 0], a[:, 1], a[:, 2], local)
-            self._collect((acc, tasks), sums, counts)
+            self._head_into(acc, out.last_hidden_state, a[:, 0], a[:, 1], a[:, 2], local, a[:, 4])
+            self._collect((acc, tasks), totals)
         kv = [(layer[0], layer[1]) for layer in _cache_layers(out)]
         self._model_seconds += time.perf_counter() - t0
         return kv, [len(p) for p in prefixes]
@@ -473,7 +479,7 @@ class ScoringEngine:
             self.stats.forward_calls += 1
             sel = np.nonzero((lay.tgt_pos >= q0) & (lay.tgt_pos < q1))[0]
             self._head_into(acc, out.last_hidden_state, lay.tgt_row[sel], lay.tgt_pos[sel] - q0, lay.tgt_tok[sel],
-                            lay.tgt_task[sel])
+                            lay.tgt_task[sel], lay.tgt_rank[sel])
             q0 = q1
         self._account(lay)
         self._model_seconds += time.perf_counter() - t0
@@ -498,6 +504,4 @@ class _PairAccumulator:
         self.a, self.b, self.n_a = a, b, n_a
 
     def fetch(self):
-        sa, ca = self.a.fetch()
-        sb, cb = self.b.fetch()
-        return np.concatenate([sa[: self.n_a], sb]), np.concatenate([ca[: self.n_a], cb])
+        return tuple(np.concatenate([x[: self.n_a], y]) for x, y in zip(self.a.fetch(), self.b.fetch()))

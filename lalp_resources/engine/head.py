@@ -48,18 +48,37 @@ def target_logprobs(head, h: torch.Tensor, targets: torch.Tensor, *, softcap: fl
     return out
 
 
+HEAD_RANKS = 2  # head sums kept per window: the first 1 and the first 2 scored tokens (DROP-1, DROP-2)
+
+
+def window_sums(logprobs) -> tuple[float, int, float | None, float | None]:
+    """A window's scored-token log-probs (in text order) -> (sum, n, head1, head2): their sum and
+    number, and the sums of the first 1 and first 2 of them (None where the window has fewer
+    tokens). The one definition of what a score-cache row holds: the reference and any backend
+    that gets per-token log-probs (e.g. from an inference server) call it; the batched engine
+    computes the same numbers on the device (`DeviceAccumulator`, tests/test_engine.py checks)."""
+    lps = [float(x) for x in logprobs]
+    n = len(lps)
+    return (float(sum(lps)), n, float(lps[0]) if n >= 1 else None, float(lps[0] + lps[1]) if n >= 2 else None)
+
+
 class DeviceAccumulator:
-    """Per-batch sums and counts of log-probs by task, kept on the device; `fetch()` is the one
-    device-to-host copy per batch (both columns at once)."""
+    """Per-batch sums and counts of log-probs by task, and the head sums (the first 1 and first 2
+    tokens of each window, by the targets' ranks), kept on the device; `fetch()` is the one
+    device-to-host copy per batch (all four rows at once)."""
 
     def __init__(self, n_local: int, device):
-        self.acc = torch.zeros((2, max(1, n_local)), dtype=torch.float64, device=device)
+        self.acc = torch.zeros((4, max(1, n_local)), dtype=torch.float64, device=device)
 
-    def add(self, local_task: torch.Tensor, logprobs: torch.Tensor) -> None:
-        self.acc[0].index_add_(0, local_task, logprobs.to(torch.float64))
-        self.acc[1].index_add_(0, local_task, torch.ones_like(logprobs, dtype=torch.float64))
+    def add(self, local_task: torch.Tensor, logprobs: torch.Tensor, rank: torch.Tensor) -> None:
+        lp = logprobs.to(torch.float64)
+        self.acc[0].index_add_(0, local_task, lp)
+        self.acc[1].index_add_(0, local_task, torch.ones_like(lp))
+        # head sums: a window's rank-0 and rank-1 tokens (at most one of each): exact whatever the order
+        self.acc[2].index_add_(0, local_task, torch.where(rank == 0, lp, 0.0))
+        self.acc[3].index_add_(0, local_task, torch.where(rank < HEAD_RANKS, lp, 0.0))
 
     def fetch(self):
-        """(sums, counts) as NumPy arrays: one device-to-host copy."""
+        """(sums, counts, head1 sums, head2 sums) as NumPy arrays: one device-to-host copy."""
         a = self.acc.cpu().numpy()
-        return a[0], a[1]
+        return a[0], a[1], a[2], a[3]

@@ -43,6 +43,8 @@ class Task:
     step: int
     sum: float = 0.0
     count: int = 0
+    head1: float | None = None   # sum of the first scored token's log-prob (None: no token)
+    head2: float | None = None   # of the first two (None: under two tokens)
 
 
 @dataclass
@@ -50,7 +52,9 @@ class Unit:
     prompt: int                              # index into the group's prefixes
     trunk: list[int]
     branches: list[tuple[int, list[int]]]    # (attach point d, token ids)
-    targets: list[tuple[int, int, int]]      # (unit-local predictor position or -1 for the prefix, token, task)
+    # (unit-local predictor position or -1 for the prefix, token, task, rank): rank = the token's place among
+    # its window's scored tokens, clipped at 2 (0 and 1 feed the head sums, see head.window_sums)
+    targets: list[tuple[int, int, int, int]]
 
     @property
     def length(self) -> int:
@@ -159,8 +163,8 @@ def build_units(tokenizer, items, plans, toks, todo, prompt_index) -> list[Unit]
     for (n, a), ks in groups.items():
         trunk_ids, _ = known[trunk_texts[(n, a)]]
         branches: list[tuple[int, list[int]]] = []
-        targets: list[tuple[int, int, int]] = []
-        branch_targets: list[tuple[int, int, int, int]] = []  # (branch no, pos in branch, tok, task)
+        targets: list[tuple[int, int, int, int]] = []
+        branch_targets: list[tuple[int, int, int, int, int]] = []  # (branch no, pos in branch, tok, task, rank)
         trunk_need = 0
         for kk in ks:
             tid, lo, hi, a_ = win_of[kk]
@@ -175,20 +179,21 @@ def build_units(tokenizer, items, plans, toks, todo, prompt_index) -> list[Unit]
                 branches.append((d, ids[d: j1 - 1]))
                 trunk_need = max(trunk_need, d)
             for j in range(j0, j1):
+                r = min(j - j0, 2)
                 if j == 0:
-                    targets.append((-1, ids[j], kk))
+                    targets.append((-1, ids[j], kk, r))
                 elif j - 1 < d:
-                    targets.append((j - 1, ids[j], kk))
+                    targets.append((j - 1, ids[j], kk, r))
                     trunk_need = max(trunk_need, j)
                 else:
-                    branch_targets.append((b, j - 1 - d, ids[j], kk))
+                    branch_targets.append((b, j - 1 - d, ids[j], kk, r))
         trunk = trunk_ids[:trunk_need]
         offsets, off = [], len(trunk)
         for _, bids in branches:
             offsets.append(off)
             off += len(bids)
-        for b, p, t, kk in branch_targets:
-            targets.append((offsets[b] + p, t, kk))
+        for b, p, t, kk, r in branch_targets:
+            targets.append((offsets[b] + p, t, kk, r))
         units.append(Unit(prompt_index[items[n].prompt], trunk, branches, targets))
     return units
 
@@ -211,6 +216,7 @@ class Layout:
     tgt_tok: np.ndarray
     tgt_task: np.ndarray         # local task index
     tasks: np.ndarray            # local -> global task index
+    tgt_rank: np.ndarray         # a target's rank in its window (0, 1, or 2 = later)
     real_tokens: int = 0         # response tokens (trunks and branches)
     prefix_tokens: int = 0       # prefix tokens computed in this batch
     units: list = field(default_factory=list)
@@ -231,13 +237,13 @@ class Layout:
 
 
 def _localize(targets):
-    """targets (row, pos, tok, global task) -> arrays with local task indices."""
+    """targets (row, pos, tok, global task, rank) -> arrays with local task indices."""
     if not targets:
         z = np.zeros(0, dtype=np.int64)
-        return z, z, z, z, z
+        return z, z, z, z, z, z
     a = np.asarray(targets, dtype=np.int64)
     tasks, local = np.unique(a[:, 3], return_inverse=True)
-    return a[:, 0], a[:, 1], a[:, 2], local.astype(np.int64), tasks
+    return a[:, 0], a[:, 1], a[:, 2], local.astype(np.int64), tasks, a[:, 4]
 
 
 def pack_sparse(units: list[Unit], prefixes: list[list[int]], batch_tokens: int) -> list[Layout]:
@@ -296,7 +302,7 @@ def _sparse_layout(units, prefixes, own, ext, keep, prompt_units, chunk: int = 1
         # every target of this prompt predicted by the prefix's last position, whichever batch its unit is in
         for u in prompt_units:
             if u.prompt == p:
-                targets += [(0, f + L - 1, t, kk) for q, t, kk in u.targets if q < 0]
+                targets += [(0, f + L - 1, t, kk, r) for q, t, kk, r in u.targets if q < 0]
         f += L
     n_pre = f
     for u in units:
@@ -305,12 +311,12 @@ def _sparse_layout(units, prefixes, own, ext, keep, prompt_units, chunk: int = 1
         ids += u.ids()
         pos.append(L + u.positions())
         tiles += [(0, q0, q1, c, pa, pb, xa, xb) for q0, q1, c, xa, xb in u.tiles(f, E + f, chunk)]
-        targets += [(0, f + q, t, kk) for q, t, kk in u.targets if q >= 0]
+        targets += [(0, f + q, t, kk, r) for q, t, kk, r in u.targets if q >= 0]
         f += u.length
-    tr, tp, tt, tl, tasks = _localize(targets)
+    tr, tp, tt, tl, tasks, rk = _localize(targets)
     return Layout(
         np.asarray(ids, dtype=np.int64)[None], np.concatenate(pos).astype(np.int64)[None],
-        np.asarray(tiles, dtype=np.int64).reshape(-1, 8), E, tr, tp, tt, tl, tasks,
+        np.asarray(tiles, dtype=np.int64).reshape(-1, 8), E, tr, tp, tt, tl, tasks, rk,
         real_tokens=f - n_pre, prefix_tokens=n_pre, units=units, own_prefixes=own, ext_prefixes=ext,
         keep_prefixes=keep, own_rows=own_rows,
     )
@@ -372,11 +378,11 @@ def dense_layout(rows: list[list[Unit]], pre_len: list[int], p_max: int) -> Layo
             ids[b, off: off + n] = u.ids()
             pos[b, off: off + n] = L + u.positions()
             tiles += [(b, q0, q1, c, 0, L, xa, xb) for q0, q1, c, xa, xb in u.tiles(off, p_max + off, 1 << 30)]
-            targets += [(b, off + q, t, kk) for q, t, kk in u.targets if q >= 0]
+            targets += [(b, off + q, t, kk, r) for q, t, kk, r in u.targets if q >= 0]
             off += n
         real += off  # padding positions get no tile: they see keys [0, own] and nothing sees them
-    tr, tp, tt, tl, tasks = _localize(targets)
-    return Layout(ids, pos, np.asarray(tiles, dtype=np.int64).reshape(-1, 8), p_max, tr, tp, tt, tl, tasks,
+    tr, tp, tt, tl, tasks, rk = _localize(targets)
+    return Layout(ids, pos, np.asarray(tiles, dtype=np.int64).reshape(-1, 8), p_max, tr, tp, tt, tl, tasks, rk,
                   real_tokens=real, units=[u for r in rows for u in r])
 
 

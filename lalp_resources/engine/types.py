@@ -23,6 +23,10 @@ class StepScore:
     n_tokens: int
     sum_logprob: float
     cached: bool
+    # log-prob sums of the step window's first 1 and first 2 scored tokens (DROP-1/2); None where the
+    # step has fewer tokens, or its score came from a cache row written before head sums existed
+    head1_logprob: float | None = None
+    head2_logprob: float | None = None
 
     @property
     def mean_logprob(self) -> float:
@@ -44,7 +48,8 @@ class ScoredChunk:
 
     steps: list[StepScore]
     responses: list[ResponseScore]
-    new_cache_rows: list[tuple[str, float, int]]  # (key, sum_logprob, n_tokens) computed by the model
+    # (key, sum_logprob, n_tokens, head1_logprob, head2_logprob) computed by the model
+    new_cache_rows: list[tuple[str, float, int, float | None, float | None]]
 
 
 @dataclass
@@ -72,7 +77,19 @@ class EngineStats:
 
 
 class ScoreCache(Protocol):
-    def lookup(self, keys: list[str]) -> dict[str, tuple[float, int]]: ...
+    """key -> (sum_logprob, n_tokens, head1_logprob, head2_logprob); a cache from an earlier release
+    may give (sum_logprob, n_tokens) or None head sums (see `cache_row`)."""
+
+    def lookup(self, keys: list[str]) -> dict[str, tuple]: ...
+
+
+def cache_row(hit: Sequence) -> tuple[float, int, float | None, float | None]:
+    """A cache hit as (sum, n, head1, head2): a row without head sums (an earlier release's)
+    keeps its score and has None heads; NaN heads read as None."""
+    s, n, *heads = hit
+    h1, h2 = (list(heads) + [None, None])[:2]
+    clean = lambda h: None if h is None or h != h else float(h)  # noqa: E731
+    return float(s), int(n), clean(h1), clean(h2)
 
 
 class DictCache:
@@ -85,5 +102,6 @@ class DictCache:
         return {k: self.data[k] for k in keys if k in self.data}
 
     def store(self, rows):
-        for k, s, n in rows:
-            self.data[k] = (s, n)
+        """rows: (key, sum, n) or (key, sum, n, head1, head2)."""
+        for k, *row in rows:
+            self.data[k] = cache_row(row)

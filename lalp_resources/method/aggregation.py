@@ -13,6 +13,8 @@ from typing import Collection
 import numpy as np
 import polars as pl
 
+from lalp_resources import diagnostics
+
 def sample_prompts(prompt_ids: list[str], max_prompts: int | None) -> set[str]:
     """A deterministic subset of prompts, stable as teachers and prompts are added: the
     `max_prompts` prompt ids with the smallest hash. 0 or None means all."""
@@ -135,6 +137,8 @@ def rank_teachers(responses: pl.DataFrame, n_boot: int = 1000, seed: int = 0,
         pl.col("lalp_mean").rank("ordinal", descending=True).cast(pl.Int32).alias("lalp_rank"),
         pl.col("galp_mean").rank("ordinal", descending=True).cast(pl.Int32).alias("galp_rank"),
     )
+    if any(c in responses.columns for c in diagnostics.CORRECTED):  # length-corrected scores beside LALP
+        out = out.join(diagnostics.teacher_corrected(scored, teachers, shared), on="teacher", how="left")
     return out.sort("lalp_rank", "teacher", nulls_last=True)
 
 
@@ -257,4 +261,5 @@ def ranking_verdict(rk: pl.DataFrame) -> str:
                  f"the comparison (the ranking's `conflicting_prompts` metadata names them; give each question its own prompt_id).")
     if n < SMALL_SAMPLE:
         text += f" {n} shared prompts is a small sample: treat this as a smoke test, not a verdict (score more prompts, e.g. `lalp run --all`)."
-    return text
+    extra = diagnostics.diagnostics_verdict(df)
+    return f"{text} {extra}" if extra else text
