@@ -250,10 +250,7 @@ class ScoringEngine:
             sums = np.zeros(len(tasks), dtype=np.float64)
             counts = np.zeros(len(tasks), dtype=np.float64)
             with torch.no_grad():
-                if self.attention == "sparse":
-                    self._run_sparse(units, prefixes, sums, counts)
-                else:
-                    self._run_dense(units, prefixes, sums, counts)
+                self._run(units, prefixes, sums, counts)
             for k, t in enumerate(tasks):
                 if counts[k]:
                     t.sum, t.count = float(sums[k]), int(counts[k])
@@ -283,6 +280,14 @@ class ScoringEngine:
             gs, gc, _ = res.get(GALP_STEP, (float("nan"), 0, False))
             resp_out.append(ResponseScore(it.response_id, len(it.spans), lalp, gs / gc if gc else float("nan"), gc))
         return ScoredChunk(steps_out, resp_out, new_rows)
+
+    def _run(self, units, prefixes, sums, counts) -> None:
+        """The model's work for a group: the units' log-probs summed into the tasks (the vLLM and
+        server backends, engine/backends.py, replace this and `_build_units`)."""
+        if self.attention == "sparse":
+            self._run_sparse(units, prefixes, sums, counts)
+        else:
+            self._run_dense(units, prefixes, sums, counts)
 
     # -- device helpers -------------------------------------------------------------------
 
