@@ -196,7 +196,8 @@ class OpenAIScoringEngine(RequestScoringEngine):
     `ServerError` and nothing of it is committed. Before the first request, the server's tokenizer
     is compared with the student's on a probe string (`check_server`)."""
 
-    PROBE = "LALP probe: 12 + 30 = 42; naïve café, 東京\n\n- step 1: x² ≥ 0 <|im_end|>"
+    # plain text (no control-token strings: a server reads those as control tokens, the student as text)
+    PROBE = "LALP probe: 12 + 30 = 42; naïve café, 東京\n\n- step 1: x² ≥ 0, so\tthe   answer is \\boxed{7}."
 
     def __init__(self, base_url: str, tokenizer, *, model: str = "", concurrency: int = 4, timeout_s: float = 300.0,
                  retries: int = 4, **kw):
