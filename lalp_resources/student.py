@@ -32,6 +32,7 @@ class Student:
     weights_sha256: str  # hash of the weight files (or of the tensors when there are no files)
     device: str
     dtype: str
+    path: str = ""       # the Hugging Face directory (or hub id) the weights load from
 
     @property
     def fingerprint(self) -> str:
@@ -117,47 +118,65 @@ def resolve_model(spec: str) -> tuple[str, str | None, str]:
     raise ValueError(f"model spec {spec!r}: no such path, and not a hub id like 'org/name'")
 
 
-def load_student(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", cache_dir: str | Path | None = None) -> Student:
+def local_weights(spec: str = DEFAULT_MODEL, cache_dir: str | Path | None = None) -> tuple[str, str, str | None]:
+    """(a Hugging Face model directory or hub id, display id, weights sha256 or None when only the
+    loaded tensors can say): a GGUF is de-quantised once into `cache_dir` (the engine loads that
+    directory; the vLLM backend hands it to vLLM)."""
+    src, gguf_file, model_id = resolve_model(spec)
+    if not gguf_file:
+        files = _weight_files(Path(src)) if Path(src).is_dir() else []
+        return src, model_id, sha256_files(files) if files else None
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    weights_sha = sha256_files([Path(src) / gguf_file])
+    # De-quantising a GGUF takes ~20 s; keep the result as safetensors keyed by its hash.
+    converted = cache_root(cache_dir) / "models" / weights_sha[:24]
+    if not (converted / "config.json").exists():
+        log.info("converting %s (first use; cached in %s)", gguf_file, converted)
+        with _quiet_progress():  # the GGUF reader's progress bars are noise in a first run
+            tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+        tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
+        # transformers marks GGUF-loaded models as quantized and refuses to save them, so
+        # copy the de-quantised weights into a plain model built from the same config.
+        cfg = model.config
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "lalp_source.json").write_text(json.dumps({"gguf": gguf_file, "sha256": weights_sha}))
+        try:
+            os.replace(tmp, converted)
+        except OSError:  # another process won the race; theirs is identical
+            pass
+    return str(converted), model_id, weights_sha
+
+
+def load_student(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", cache_dir: str | Path | None = None,
+                 weights: bool = True) -> Student:
+    """The student on `device`; `weights=False`: its tokenizer and identity only (model None), for a
+    backend that loads the weights itself (vLLM). A hub id's identity needs its weights."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device)
     dtype_name, torch_dtype = resolve_dtype(dtype, device)
-    src, gguf_file, model_id = resolve_model(spec)
     t0 = time.perf_counter()
-    if gguf_file:
-        weights_sha = sha256_files([Path(src) / gguf_file])
-        # De-quantising a GGUF takes ~20 s; keep the result as safetensors keyed by its hash.
-        converted = cache_root(cache_dir) / "models" / weights_sha[:24]
-        if not (converted / "config.json").exists():
-            log.info("converting %s (first use; cached in %s)", gguf_file, converted)
-            with _quiet_progress():  # the GGUF reader's progress bars are noise in a first run
-                tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
-                model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
-            tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
-            # transformers marks GGUF-loaded models as quantized and refuses to save them, so
-            # copy the de-quantised weights into a plain model built from the same config.
-            cfg = model.config
-            if hasattr(cfg, "quantization_config"):
-                del cfg.quantization_config
-            plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-            plain.load_state_dict(model.state_dict())
-            plain.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            (tmp / "lalp_source.json").write_text(json.dumps({"gguf": gguf_file, "sha256": weights_sha}))
-            try:
-                os.replace(tmp, converted)
-            except OSError:  # another process won the race; theirs is identical
-                pass
-        src = str(converted)
+    src, model_id, weights_sha = local_weights(spec, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(src)
+    if not weights and weights_sha is not None:
+        return Student(None, tokenizer, model_id, weights_sha, device, dtype_name, path=src)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, attn_implementation="sdpa")
-    if not gguf_file:
-        files = _weight_files(Path(src)) if Path(src).is_dir() else []
-        weights_sha = sha256_files(files) if files else tensors_sha256(model)
+    if weights_sha is None:
+        weights_sha = tensors_sha256(model)
+    if not weights:
+        return Student(None, tokenizer, model_id, weights_sha, device, dtype_name, path=src)
     model.to(device).eval()
     log.info("loaded %s on %s/%s in %.1fs", model_id, device, dtype_name, time.perf_counter() - t0)
-    return Student(model, tokenizer, model_id, weights_sha, device, dtype_name)
+    return Student(model, tokenizer, model_id, weights_sha, device, dtype_name, path=src)
 
 
 @contextlib.contextmanager

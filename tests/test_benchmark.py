@@ -246,3 +246,30 @@ def test_host_rate_counts_the_engine_work(smol_tokenizer):
     r = bm.host_rate(smol_tokenizer, items, "fixed:2", "chat", repeats=1)
     floor = bm.exact_floor(smol_tokenizer, items, "fixed:2", "chat")
     assert r["token_forwards"] >= floor["total"] and r["host_s"] > 0 and r["host_rate"] > r["wall_rate"] > 0
+
+
+def test_final_line_with_vs_vllm_and_median_spread():
+    line = bm.format_final_line(2.5, 1e-6, 0.5, 1.0, 2.345)
+    assert line.endswith(" vs_vllm=2.35") and bm.FINAL_LINE_RE.match(line).group(5) == "2.35"
+    assert bm.FINAL_LINE_RE.match(bm.format_final_line(2.5, 1e-6, 0.5, 1.0)).group(5) is None
+    assert bm.median_spread([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)
+    assert bm.median_spread([4.0, 1.0, 2.0, math.nan, 3.0]) == (2.5, 1.0, 4.0)
+
+
+def test_rounds_interleave_and_report_per_round_ratios(tiny_model, smol_tokenizer):
+    """Three rounds: each has its own ceiling, reference and engine; the order rotates; the ratios
+    are per round, and the final line carries their medians."""
+    items = _items(smol_tokenizer)
+    logs = []
+    r = bm.run_rounds(tiny_model, smol_tokenizer, items, rounds=3, window="fixed:2", log=logs.append)
+    assert len(r.results) == 3 and all(len(x.rates) == 1 for x in r.results)
+    firsts = [line.split(": ")[1].split(" ")[0] for line in logs if line.startswith("round ")][::2]
+    assert firsts == ["reference", "engine", "reference"]  # two contenders: the order alternates
+    ratios = r.ratios()
+    assert len(ratios["speedup"]) == len(ratios["speedup_cpu"]) == len(ratios["peak_fraction"]) == 3
+    m = bm.FINAL_LINE_RE.match(r.final_line)
+    assert m and m.group(5) is None
+    assert float(m.group(1)) == pytest.approx(bm.median_spread(ratios["speedup"])[0], abs=0.005)
+    assert r.max_abs_diff < 1e-4
+    text = "\n".join(r.report())
+    assert "median" in text and "spread" in text and "CPU seconds" in text

@@ -252,10 +252,7 @@ class ScoringEngine:
             # per task: sum, count, head1, head2 (see head.DeviceAccumulator)
             totals = np.zeros((4, len(tasks)), dtype=np.float64)
             with torch.no_grad():
-                if self.attention == "sparse":
-                    self._run_sparse(units, prefixes, totals)
-                else:
-                    self._run_dense(units, prefixes, totals)
+                self._run(units, prefixes, totals)
             sums, counts, head1, head2 = totals
             for k, t in enumerate(tasks):
                 if counts[k]:
@@ -288,6 +285,15 @@ class ScoringEngine:
             gs, gc, *_ = res.get(GALP_STEP, (float("nan"), 0, False))
             resp_out.append(ResponseScore(it.response_id, len(it.spans), lalp, gs / gc if gc else float("nan"), gc))
         return ScoredChunk(steps_out, resp_out, new_rows)
+
+    def _run(self, units, prefixes, totals) -> None:
+        """The model's work for a group: the units' log-probs summed into the tasks' totals (sum,
+        count, head1, head2 per task; the vLLM and server backends, engine/backends.py, replace
+        this and `_build_units`)."""
+        if self.attention == "sparse":
+            self._run_sparse(units, prefixes, totals)
+        else:
+            self._run_dense(units, prefixes, totals)
 
     # -- device helpers -------------------------------------------------------------------
 
