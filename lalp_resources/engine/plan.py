@@ -209,6 +209,11 @@ def _join(pid, pst, pen, fid, fst, fen, lo: int, hi: int):
     return None
 
 
+def _lists(tok):
+    ids, starts = tok
+    return (ids.tolist(), starts.tolist()) if isinstance(ids, np.ndarray) else (ids, starts)
+
+
 def build_units(tokenizer, items, plans, toks, todo, prompt_index) -> list[Unit]:
     """Units: the missing windows of one response that share a start character.
 
@@ -235,10 +240,14 @@ def build_units(tokenizer, items, plans, toks, todo, prompt_index) -> list[Unit]
     # The unit's trunk is the text from the start to the furthest end any member needs; reuse
     # the tokenizations already done for window texts.
     trunk_texts = {(n, a): items[n].text[a: max(win_of[k][2] for k in ks)] for (n, a), ks in groups.items()}
+    # token lists for the windows to score (window_tokens gives arrays; units are built of lists)
+    toks = {tid: _lists(toks[tid]) for tid, _, _, _ in win_of.values()} | {
+        g: _lists(toks[g]) for _, g in plans if g is not None}
     known = {}
     for n, (wins, galp_tid) in enumerate(plans):
         for i, a, tid, lo, hi in wins:
-            known.setdefault(items[n].text[a:hi], toks[tid])
+            if tid in toks:
+                known.setdefault(items[n].text[a:hi], toks[tid])
         if galp_tid is not None:
             known.setdefault(items[n].text, toks[galp_tid])
     missing = list({s for s in trunk_texts.values() if s not in known})
