@@ -21,6 +21,10 @@ far fewer token-forwards:
   (linear) key lists, never by a quadratic attention matrix.
 - **Cache.** Every window has a key over the student namespace and its exact tokens; windows
   found in the cache never reach the model.
+- **One tokenization per response.** A window's tokens are its response's, with two short
+  pieces re-tokenized at its edges and joined where both agree (`plan.window_tokens`): the same
+  tokens and keys as tokenizing each window on its own, at about one response pass of work.
+  The key hashes the namespace and prefix once per prompt (`tokenization.key_base`).
 
 The opt-in approximate mode lives in `approx.py` (`ApproximateScoringEngine`); this module has
 no approximate branch. `ScoringEngine(..., approx=True)` still returns one, for callers that
