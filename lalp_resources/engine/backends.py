@@ -58,10 +58,10 @@ def plan_requests(items, plans, toks, tasks, todo, prompt_index, merge: bool = T
             a, tid, lo, hi = 0, galp_tid, 0, len(items[t.item].text)
         else:
             _, a, tid, lo, hi = wins[t.step]
-        ids, starts = toks[tid]
+        ids, starts = toks[tid]  # arrays from the engine's window_tokens; requests are lists of ints
         j0, j1 = scored_range(starts, lo - a, hi - a)
         if j1 > j0:
-            groups[(t.item, a)].append((ids[:j1], k, j0, j1))
+            groups[(t.item, a)].append((np.asarray(ids[:j1]).tolist(), k, j0, j1))
     out: list[Request] = []
     for (n, _), wins in groups.items():
         p = prompt_index[items[n].prompt]

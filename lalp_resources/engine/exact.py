@@ -21,6 +21,10 @@ far fewer token-forwards:
   (linear) key lists, never by a quadratic attention matrix.
 - **Cache.** Every window has a key over the student namespace and its exact tokens; windows
   found in the cache never reach the model.
+- **One tokenization per response.** A window's tokens are its response's, with two short
+  pieces re-tokenized at its edges and joined where both agree (`plan.window_tokens`): the same
+  tokens and keys as tokenizing each window on its own, at about one response pass of work.
+  The key hashes the namespace and prefix once per prompt (`tokenization.key_base`).
 
 The opt-in approximate mode lives in `approx.py` (`ApproximateScoringEngine`); this module has
 no approximate branch. `ScoringEngine(..., approx=True)` still returns one, for callers that
@@ -42,12 +46,12 @@ from lalp_resources.engine import attention as attn
 from lalp_resources.engine.head import DeviceAccumulator, target_logprobs
 from lalp_resources.engine.plan import (
     GALP_STEP, Layout, Task, Unit, batch_rows, build_units, dense_layout, pack_rows, pack_sparse, split_tiles,
-    token_ranges, window_plans,
+    token_ranges, window_plans, window_tokens,
 )
 from lalp_resources.engine.types import (
     EngineStats, ResponseScore, ScoreCache, ScoredChunk, ScoreItem, StepScore, cache_row,
 )
-from lalp_resources.method.tokenization import prefix_ids, scored_range, tokenize_many, window_key
+from lalp_resources.method.tokenization import key_base, prefix_ids, window_key_from
 from lalp_resources.method.windows import WindowSpec
 
 log = logging.getLogger("lalp.engine")
@@ -216,19 +220,24 @@ class ScoringEngine:
     def _make_tasks(self, items, plans, toks, prefixes, prompt_index) -> list[Task]:
         """One task per window and per GALP pass, keyed over the namespace and exact tokens."""
         tasks: list[Task] = []
+        bases: dict[int, tuple] = {}
         max_ctx = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         for n, (it, (wins, galp_tid)) in enumerate(zip(items, plans)):
             pre = prefixes[prompt_index[it.prompt]]
             if max_ctx:  # never truncated, but past the trained context scores lose meaning: count them
                 over = [tid for _, _, tid, _, _ in wins] + ([galp_tid] if galp_tid is not None else [])
                 self.stats.windows_over_context += sum(len(pre) + len(toks[t][0]) > max_ctx for t in over)
+            p = prompt_index[it.prompt]
+            if p not in bases:  # the namespace and prefix are hashed once per prompt
+                bases[p] = (key_base(self.namespace, pre), key_base(self.namespace + "|galp", pre))
+            base, galp_base = bases[p]
             for i, a, tid, lo, hi in wins:
                 ids, starts = toks[tid]
-                j0, j1 = scored_range(starts, lo - a, hi - a)
-                tasks.append(Task(window_key(self.namespace, pre, ids, j0, j1), n, i))
+                j0, j1 = (int(j) for j in np.searchsorted(starts, (lo - a, hi - a), "left"))
+                tasks.append(Task(window_key_from(base, ids, j0, j1), n, i))
             if galp_tid is not None:
                 ids, _ = toks[galp_tid]
-                tasks.append(Task(window_key(self.namespace + "|galp", pre, ids, 0, len(ids)), n, GALP_STEP))
+                tasks.append(Task(window_key_from(galp_base, ids, 0, len(ids)), n, GALP_STEP))
         return tasks
 
     def _build_units(self, items, plans, toks, tasks, todo, prompt_index) -> list[Unit]:
@@ -240,7 +249,8 @@ class ScoringEngine:
         prompt_index = {p: k for k, p in enumerate(prompts)}
         prefixes = [prefix_ids(self.tokenizer, p, self.template) for p in prompts]
         plans, texts, _ = window_plans(items, self.window, self.galp)
-        toks = tokenize_many(self.tokenizer, texts)
+        toks, alone = window_tokens(self.tokenizer, items, plans, texts)
+        self.stats.windows_tokenized_alone += alone
         tasks = self._make_tasks(items, plans, toks, prefixes, prompt_index)
         hits = self.cache.lookup([t.key for t in tasks]) if self.cache is not None else {}
         self.stats.windows_total += len(tasks)

@@ -24,12 +24,13 @@ Packing:
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from lalp_resources.method.tokenization import scored_range, tokenize_many
+from lalp_resources.method.tokenization import encode_arrays, scored_range, tokenize_many
 
 GALP_STEP = -1
 
@@ -123,6 +124,100 @@ def window_plans(items, window, galp: bool):
     return plans, texts, text_id
 
 
+# A word start: a non-whitespace character after whitespace (m.end()); m.start() begins the run.
+_WORD = re.compile(r"\s+(?=\S)")
+# windows with fewer word starts inside than this are tokenized on their own
+SPLICE_MIN_WORDS = 6
+
+
+def window_tokens(tokenizer, items, plans, texts) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+    """toks[text id] = (ids, starts) of every text of `window_plans`, exactly as tokenizing each
+    text on its own would give, with each response tokenized once.
+
+    A window is a slice [a, b) of its response. Away from its two edges its tokens are the
+    response's own; only near the edges can they differ (the first word has no space before it,
+    BPE is not prefix-stable at the end). So each response is tokenized whole, and per window two
+    short pieces: the head (from a to its third word start) and the tail (from its third-to-last
+    word start to b). A piece is joined to the response's tokens only where, over a stretch of
+    at least one whole word clear of the piece's own cut, both tokenizations have the same
+    tokens (ids, first characters, ends); otherwise, and for short windows, the window is
+    tokenized on its own. Returns (toks, windows tokenized on their own)."""
+    where: list[tuple[int, int, int] | None] = [None] * len(texts)
+    for n, (wins, galp_tid) in enumerate(plans):
+        for _, a, tid, _, hi in wins:  # a window ends where its own step does
+            if where[tid] is None:
+                where[tid] = (n, a, hi)
+        if galp_tid is not None and where[galp_tid] is None:
+            where[galp_tid] = (n, 0, len(items[n].text))
+    full = encode_arrays(tokenizer, [it.text for it in items])
+    words: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    toks: list = [None] * len(texts)
+    alone: list[int] = []
+    jobs = []
+    pieces: dict[tuple[int, int, int], int] = {}
+    for tid, (n, a, b) in enumerate(where):
+        text = items[n].text
+        if a == 0 and b == len(text):
+            toks[tid] = full[n][:2]
+            continue
+        if n not in words:
+            ms = list(_WORD.finditer(text))
+            words[n] = (np.fromiter((m.end() for m in ms), np.int64, len(ms)),
+                        np.fromiter((m.start() for m in ms), np.int64, len(ms)))
+        w, run = words[n]
+        k0, k1 = np.searchsorted(w, a, "right"), np.searchsorted(w, b, "left")
+        if k1 - k0 < SPLICE_MIN_WORDS:
+            alone.append(tid)
+            continue
+        head = pieces.setdefault((n, a, int(w[k0 + 2])), len(pieces))
+        tail = pieces.setdefault((n, int(w[k1 - 3]), b), len(pieces))
+        # head: join at or after the run before word 2, checked up to the run before word 3;
+        # tail: join at or after the run before the second-to-last word, checked up to the last's
+        jobs.append((tid, n, a, head, int(run[k0 + 1]), int(run[k0 + 2]), tail, int(run[k1 - 2]), int(run[k1 - 1])))
+    keys = list(pieces)
+    enc = encode_arrays(tokenizer, [items[n].text[x:y] for n, x, y in keys])
+    piece = [(ids, st + x, en + x) for (n, x, _), (ids, st, en) in zip(keys, enc)]
+    for tid, n, a, head, h0, h1, tail, t0, t1 in jobs:
+        fid, fst, fen = full[n]
+        hid, hst, hen = piece[head]
+        tid_, tst, ten = piece[tail]
+        x = _join(hid, hst, hen, fid, fst, fen, h0, h1)
+        y = _join(tid_, tst, ten, fid, fst, fen, t0, t1)
+        if x is None or y is None or not x[1] < y[1]:
+            alone.append(tid)
+            continue
+        (hx, fx), (ty, fy) = x, y
+        toks[tid] = (np.concatenate([hid[:hx], fid[fx:fy], tid_[ty:]]),
+                     np.concatenate([hst[:hx], fst[fx:fy], tst[ty:]]) - a)
+    for tid, (ids, st, _) in zip(alone, encode_arrays(tokenizer, [texts[t] for t in alone])):
+        toks[tid] = (ids, st)
+    return toks, len(alone)
+
+
+def _join(pid, pst, pen, fid, fst, fen, lo: int, hi: int):
+    """Where a piece's tokens (absolute first characters `pst`) can be joined to the response's:
+    the first piece token starting at or after `lo` that starts a response token too, such that
+    both tokenizations have the same tokens from there up to `hi` (at least one). Returns (piece
+    index, response index) of that token, or None."""
+    p = int(np.searchsorted(pst, lo, "left"))
+    q_end = int(np.searchsorted(pst, hi, "left"))
+    while p < q_end:
+        f = int(np.searchsorted(fst, pst[p], "left"))
+        if f < len(fst) and fst[f] == pst[p]:
+            m = q_end - p
+            if (f + m <= len(fst) and np.array_equal(pid[p:q_end], fid[f:f + m]) and np.array_equal(pst[p:q_end], fst[f:f + m])
+                    and np.array_equal(pen[p:q_end], fen[f:f + m])):
+                return p, f
+            return None
+        p += 1
+    return None
+
+
+def _lists(tok):
+    ids, starts = tok
+    return (ids.tolist(), starts.tolist()) if isinstance(ids, np.ndarray) else (ids, starts)
+
+
 def build_units(tokenizer, items, plans, toks, todo, prompt_index) -> list[Unit]:
     """Units: the missing windows of one response that share a start character.
 
@@ -149,10 +244,14 @@ def build_units(tokenizer, items, plans, toks, todo, prompt_index) -> list[Unit]
     # The unit's trunk is the text from the start to the furthest end any member needs; reuse
     # the tokenizations already done for window texts.
     trunk_texts = {(n, a): items[n].text[a: max(win_of[k][2] for k in ks)] for (n, a), ks in groups.items()}
+    # token lists for the windows to score (window_tokens gives arrays; units are built of lists)
+    toks = {tid: _lists(toks[tid]) for tid, _, _, _ in win_of.values()} | {
+        g: _lists(toks[g]) for _, g in plans if g is not None}
     known = {}
     for n, (wins, galp_tid) in enumerate(plans):
         for i, a, tid, lo, hi in wins:
-            known.setdefault(items[n].text[a:hi], toks[tid])
+            if tid in toks:
+                known.setdefault(items[n].text[a:hi], toks[tid])
         if galp_tid is not None:
             known.setdefault(items[n].text, toks[galp_tid])
     missing = list({s for s in trunk_texts.values() if s not in known})

@@ -62,6 +62,7 @@ class EngineStats:
     padded_tokens: int = 0        # padding positions the model computed (dense path only)
     scored_tokens: int = 0
     forward_calls: int = 0
+    windows_tokenized_alone: int = 0  # windows not derived from their response's tokens (short, or no clean join)
     batches: int = 0
     host_copies: int = 0          # device-to-host copies of results (one per batch)
     attention_flops: float = 0.0  # attention FLOPs over the keys each query sees (QK^T and PV)

@@ -137,8 +137,48 @@ def tokenize_many(tokenizer, texts: list[str]) -> list[tuple[list[int], list[int
     """Batched `tokenize_with_starts` (the fast tokenizer parallelises a batch)."""
     if not texts:
         return []
-    enc = tokenizer(texts, return_offsets_mapping=True, **TEXT)
-    return [(list(ids), token_starts(offs)) for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])]
+    return [(ids.tolist(), starts.tolist()) for ids, starts, _ in encode_arrays(tokenizer, texts)]
+
+
+def _backend(tokenizer):
+    """The Rust tokenizer behind a fast tokenizer, when calling it directly is what
+    `tokenizer(texts, **TEXT)` does (no truncation or padding configured); else None."""
+    bt = getattr(tokenizer, "_tokenizer", None)
+    if bt is None or not hasattr(bt, "encode_batch") or getattr(bt, "truncation", None) or getattr(bt, "padding", None):
+        return None
+    return bt
+
+
+def encode_arrays(tokenizer, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per text: token ids, first characters (`token_starts`) and reported ends, as int64 arrays.
+    The same tokens as `tokenize_many`, straight from the Rust tokenizer where there is one (no
+    per-token Python: the starts are a running maximum)."""
+    if not texts:
+        return []
+    bt = _backend(tokenizer)
+    if bt is None:
+        enc = tokenizer(list(texts), return_offsets_mapping=True, **TEXT)
+        pairs = zip(enc["input_ids"], enc["offset_mapping"])
+    else:
+        if bt.encode_special_tokens is not True:  # what split_special_tokens=True sets
+            bt.encode_special_tokens = True
+        pairs = ((e.ids, e.offsets) for e in bt.encode_batch(list(texts), add_special_tokens=False))
+    out = []
+    for ids, offs in pairs:
+        ids = np.asarray(ids, dtype=np.int64)
+        offs = np.asarray(offs, dtype=np.int64).reshape(-1, 2)
+        out.append((ids, _starts(offs[:, 0], offs[:, 1]), offs[:, 1].copy()))
+    return out
+
+
+def _starts(s: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """`token_starts` vectorised: min(reported start, the largest end before the token)."""
+    if len(s) == 0:
+        return s.copy()
+    prev = np.empty_like(e)
+    prev[0] = 0
+    np.maximum.accumulate(e[:-1], out=prev[1:])
+    return np.minimum(s, prev)
 
 
 def scored_range(starts: list[int], lo: int, hi: int) -> tuple[int, int]:
@@ -150,9 +190,20 @@ def scored_range(starts: list[int], lo: int, hi: int) -> tuple[int, int]:
 
 def window_key(namespace: str, prefix: Sequence[int], window: Sequence[int], j0: int, j1: int) -> str:
     """Cache key of one scored window: the student/template/dtype namespace plus the exact tokens."""
+    return window_key_from(key_base(namespace, prefix), window, j0, j1)
+
+
+def key_base(namespace: str, prefix: Sequence[int]):
+    """The hash state of `window_key` after the namespace and prefix: one per prompt, copied per
+    window (every window of a prompt shares them)."""
     h = hashlib.sha256(namespace.encode())
     h.update(np.asarray(prefix, dtype=np.int64).tobytes())
     h.update(b"|")
+    return h
+
+
+def window_key_from(base, window: Sequence[int], j0: int, j1: int) -> str:
+    h = base.copy()
     h.update(np.asarray(window, dtype=np.int64).tobytes())
     h.update(f"|{j0}:{j1}".encode())
     return h.hexdigest()[:32]
