@@ -97,9 +97,14 @@ def test_vllm_shares_the_engines_cache(llm, hf_model, smol_tokenizer):
     assert [(s.response_id, s.step_index, s.n_tokens) for s in out.steps] == [
         (s.response_id, s.step_index, s.n_tokens) for s in eng.steps]
     fresh = _vllm(llm)(None, smol_tokenizer, window="fixed:2", namespace=ns).score_all(items)
-    assert [k for k, _, _ in fresh.new_cache_rows] == [k for k, _, _ in eng.new_cache_rows]
+    # cache rows: (key, sum, n, head1, head2); the head sums come from engine.head.window_sums
+    assert [r[0] for r in fresh.new_cache_rows] == [r[0] for r in eng.new_cache_rows]
+    assert [r[2] for r in fresh.new_cache_rows] == [r[2] for r in eng.new_cache_rows]
     worst = max(abs(a[1] / a[2] - b[1] / b[2]) for a, b in zip(fresh.new_cache_rows, eng.new_cache_rows) if a[2])
     assert worst < ENGINE_TOL
+    for a, b in zip(fresh.new_cache_rows, eng.new_cache_rows):
+        for x, y in zip(a[3:], b[3:]):
+            assert (x is None) == (y is None) and (x is None or abs(x - y) < ENGINE_TOL * 10)
     half = DictCache()
     half.store(eng.new_cache_rows[::2])
     v2 = _vllm(llm)(None, smol_tokenizer, window="fixed:2", namespace=ns, cache=half)
