@@ -58,8 +58,14 @@ endif
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# --vs-vllm runs in the vLLM venv (it holds the project too); two threads, as the figures were taken
 bench: setup
+ifneq (,$(findstring --vs-vllm,$(BENCH_ARGS)))
+	$(MAKE) setup-vllm
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VLLM_BIN)/python -m benchmarks.benchmark $(BENCH_ARGS)
+else
 	$(BIN)/python -m benchmarks.benchmark $(BENCH_ARGS)
+endif
 
 # The whole graph on ROWS generated traces (real ZeroEval text, 8 teachers, a tiny student): seconds
 # and peak RSS per stage and check, then the same again with nothing new; the last line is

@@ -883,9 +883,16 @@ def vllm_for_bench(student, threads: int, batch_tokens: int = 2048, kv_cache_gb:
     Settings.export_vllm_env(kv_cache_gb, threads)
     from lalp_resources.engine.backends import vllm_llm
 
-    if not student.path:
-        raise SystemExit("--vs-vllm needs the student's weights on disk (not --random-weights)")
-    return vllm_llm(student.path, dtype=student.dtype, batch_tokens=batch_tokens)
+    path = student.path
+    if not path or not Path(path).is_dir():  # --random-weights: the same seeded weights, saved for vLLM
+        import tempfile
+
+        path = tempfile.mkdtemp(prefix="lalp-bench-vllm-")
+        student.model.save_pretrained(path)
+        student.tokenizer.save_pretrained(path)
+    # on a GPU the engine's model shares the device: vLLM takes half of its memory, not 90%
+    gpu_memory = 0.5 if str(student.device).startswith("cuda") else 0.9
+    return vllm_llm(path, dtype=student.dtype, batch_tokens=batch_tokens, gpu_memory=gpu_memory)
 
 
 def _loadavg() -> str:

@@ -18,6 +18,11 @@ Steps, each with its own time limit, each log in $OUT:
 3. The benchmark in bf16 (the CUDA default) with `--memory`: speedup, MFU, peak memory at 1k, 8k
    and 32k tokens. Its last line is `speedup=... max_abs_diff=... peak_fraction=... floor_ratio=...`
    (peak_fraction against the GPU's own matmul rate on the student's shapes, measured in the run).
+4. The same comparison with vLLM as the peer, in bf16 (`--vs-vllm`: the reference, the engine,
+   vLLM per window and merged, interleaved in rounds; the last line gains `vs_vllm=...`). It runs
+   in `.venv-vllm/bin/python` where that exists (carry a CUDA build of it, `make setup-vllm` on
+   a GPU host installs `vllm`), else in the image's python, which then needs vLLM. Not run in
+   this release: no GPU lease was drawn for it, so there is no GPU figure yet.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / ".devbundle"
+VLLM_PY = REPO / ".venv-vllm" / "bin" / "python" if (REPO / ".venv-vllm" / "bin" / "python").exists() else Path(sys.executable)
 
 STEPS = [
     ("test_gpu", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"], 240),
@@ -37,6 +43,8 @@ STEPS = [
                     "--device", "cuda", "--dtype", "float32", "--prompts", "8"], 240),
     ("bench_bf16", [sys.executable, "-m", "benchmarks.benchmark", "--bundle", str(BUNDLE), "--random-weights",
                     "--device", "cuda", "--dtype", "bfloat16", "--prompts", "24", "--memory"], 300),
+    ("bench_bf16_vs_vllm", [str(VLLM_PY), "-m", "benchmarks.benchmark", "--bundle", str(BUNDLE), "--random-weights",
+                            "--device", "cuda", "--dtype", "bfloat16", "--prompts", "8", "--vs-vllm"], 300),
 ]
 
 
