@@ -3,7 +3,7 @@ SmolLM2 student) gives the engine's ranking and curated rows: two real `lalp run
 backend, each with its own Dagster instance and warehouse.
 
 The demo samples 5 prompts; to keep CI's vLLM part to a few minutes this samples 1 of them
-(LALP_MAX_PROMPTS=1, the same deterministic sample for both runs). Slow; runs in the vLLM venv
+(LALP_MAX_PROMPTS=2, the same deterministic sample for both runs). Slow; runs in the vLLM venv
 (`make test`'s second invocation), and in the main venv it skips, saying so.
 """
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 def _run(root: Path, backend: str) -> Path:
     home = temp_dagster_home(root)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LALP_")}
-    env.update(DAGSTER_HOME=str(home), LALP_SOURCES="champ", LALP_MAX_PROMPTS="1", LALP_BACKEND=backend,
+    env.update(DAGSTER_HOME=str(home), LALP_SOURCES="champ", LALP_MAX_PROMPTS="2", LALP_BACKEND=backend,
                LALP_WAREHOUSE=str(root / "lalp.duckdb"), LALP_EXPORTS=str(root / "exports"), LALP_INBOX=str(root / "inbox"),
                LALP_BOOTSTRAP="200", LALP_VLLM_KV_CACHE_GB="1", TOKENIZERS_PARALLELISM="false")
     (root / "inbox").mkdir(exist_ok=True)
