@@ -11,6 +11,7 @@ import contextlib
 import time
 
 import dagster as dg
+import duckdb
 import polars as pl
 
 from lalp_assets.metadata import check_result, table_metadata
@@ -185,13 +186,26 @@ def _score_and_commit(context, engine, items, session: WarehouseSession, meta, t
     try:
         _score_chunks_into(context, engine, items, session, meta, teacher_of, cfg, run_id, commit_every_s,
                            progress_logger(context.log, progress_every_s), pending, flush)
-    except (KeyboardInterrupt, dg.DagsterExecutionInterruptedError):
+    except BaseException as e:
         # SIGTERM (Dagster's terminate, Kubernetes' pod stop) or SIGINT: commit what is scored,
         # then let the run fail; a rerun takes these windows from the cache
+        if not _interrupted(e):
+            raise
         context.log.warning("interrupted: committing the chunks scored so far before the run stops")
         flush()
         raise
     flush()
+
+
+def _interrupted(e: BaseException | None) -> bool:
+    """The stop signal, or an error it caused: a signal that lands inside a DuckDB query (the
+    score-cache lookup) surfaces as DuckDB's "Query interrupted" with the signal as its cause."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, (KeyboardInterrupt, dg.DagsterExecutionInterruptedError, duckdb.InterruptException)):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def _score_chunks_into(context, engine, items, session, meta, teacher_of, cfg, run_id, commit_every_s, progress, pending, flush):
