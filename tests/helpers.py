@@ -39,6 +39,14 @@ def save_tiny_student(folder: Path, tokenizer, seed: int = 5, **overrides) -> Pa
     return folder
 
 
+def load_saved_student(folder: Path):
+    """A student saved by `save_tiny_student`, loaded as transformers does, fp32, for the reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
 def zeroeval_or_skip() -> Path:
     if not ZEROEVAL.is_dir():
         pytest.skip(f"{ZEROEVAL} is absent: the shared ZeroEval traces are needed for this test")
@@ -170,7 +178,15 @@ def assert_matches_reference(model, tok, items, window, template, engine_cls=Non
     from lalp_resources.reference import reference_score
 
     eng = (engine_cls or ScoringEngine)(model, tok, window=window, template=template, **engine_kw)
-    out = eng.score_all(items)
+    assert_chunk_matches_reference(model, tok, items, eng.score_all(items), window, template)
+    return eng
+
+
+def assert_chunk_matches_reference(model, tok, items, out, window, template) -> None:
+    """Scores of `items` (a ScoredChunk, from any backend) against `reference_score`: every step
+    mean, head sum, LALP and GALP within ENGINE_TOL and every token count equal."""
+    from lalp_resources.reference import reference_score
+
     by_id = {}
     for s in out.steps:
         by_id.setdefault(s.response_id, []).append(s)
@@ -191,5 +207,4 @@ def assert_matches_reference(model, tok, items, window, template, engine_cls=Non
         resp = next(r for r in out.responses if r.response_id == it.response_id)
         assert resp.galp_tokens == ref.galp_count
         worst = max(worst, abs(resp.galp - ref.galp), abs(resp.lalp - ref.lalp))
-    assert worst < ENGINE_TOL, f"engine differs from the reference by {worst:.2e}"
-    return eng
+    assert worst < ENGINE_TOL, f"scores differ from the reference by {worst:.2e}"

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM has its own venv: `make test` runs this module in .venv-vllm")
 
-from helpers import ENGINE_TOL, assert_matches_reference, make_engine_items, save_tiny_student  # noqa: E402
+from helpers import ENGINE_TOL, assert_matches_reference, load_saved_student, make_engine_items, save_tiny_student  # noqa: E402
 
 from lalp_resources.engine import DictCache, ScoringEngine  # noqa: E402
 
@@ -36,10 +36,7 @@ def tiny_dir(tmp_path_factory, smol_tokenizer):
 
 @pytest.fixture(scope="module")
 def hf_model(tiny_dir):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
+    return load_saved_student(tiny_dir)
 
 
 @pytest.fixture(scope="module")

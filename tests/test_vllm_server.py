@@ -22,11 +22,13 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM has its own venv: `make test` runs this module in .venv-vllm")
 
-from helpers import ENGINE_TOL, assert_matches_reference, make_engine_items, save_tiny_student  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_chunk_matches_reference, assert_matches_reference, load_saved_student, make_engine_items,
+    save_tiny_student,
+)
 
 from lalp_resources.engine import DictCache  # noqa: E402
 from lalp_resources.engine.backends import OpenAIScoringEngine, ServerError  # noqa: E402
-from lalp_resources.reference import reference_score  # noqa: E402
 
 
 def _free_port() -> int:
@@ -76,10 +78,7 @@ def tiny_dir(tmp_path_factory, smol_tokenizer):
 
 @pytest.fixture(scope="module")
 def hf_model(tiny_dir):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
+    return load_saved_student(tiny_dir)
 
 
 @pytest.fixture(scope="module")
@@ -147,13 +146,4 @@ def test_server_killed_mid_run_fails_clearly_and_a_rerun_resumes(tiny_dir, hf_mo
         second.kill()
     assert again.stats.windows_cached == committed
     assert again.stats.windows_scored == again.stats.windows_total - committed
-    by_id = {}
-    for s in out.steps:
-        by_id.setdefault(s.response_id, []).append(s)
-    for it in items:
-        ref = reference_score(hf_model, smol_tokenizer, it.prompt, it.text, it.spans, window, template)
-        got = sorted(by_id[it.response_id], key=lambda s: s.step_index)
-        assert [s.n_tokens for s in got] == ref.step_counts
-        for s, m, c in zip(got, ref.step_means, ref.step_counts):
-            if c:
-                assert abs(s.mean_logprob - m) < ENGINE_TOL
+    assert_chunk_matches_reference(hf_model, smol_tokenizer, items, out, window, template)

@@ -83,21 +83,12 @@ class RequestScoringEngine(ScoringEngine):
     def __init__(self, tokenizer, *, template: str = "chat", window: str | WindowSpec = "fixed:4", namespace: str = "",
                  cache=None, galp: bool = True, group_tokens: int | None = None, merge: bool = True,
                  max_context: int | None = None):
-        self.model = None
-        self.tokenizer = tokenizer
-        self.template = template
-        self.window = WindowSpec.parse(window)
-        self.namespace = namespace
-        self.cache = cache
-        self.galp = galp
+        self._init_definition(None, tokenizer, template, window, namespace, cache, galp)
         self.merge = merge
         self.max_context = max_context
         self.group_tokens = group_tokens or 16384
         self.attention = "requests"
         self.stats = EngineStats(attention=self.attention)
-        self._on_batch = None
-        self._t0 = time.perf_counter()
-        self._model_seconds = 0.0
 
     def _build_units(self, items, plans, toks, tasks, todo, prompt_index):
         return plan_requests(items, plans, toks, tasks, todo, prompt_index, merge=self.merge)

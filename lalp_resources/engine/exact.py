@@ -125,13 +125,7 @@ class ScoringEngine:
         approx: bool = False,
         compile: bool = False,
     ):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.template = template
-        self.window = WindowSpec.parse(window)
-        self.namespace = namespace
-        self.cache = cache
-        self.galp = galp
+        self._init_definition(model, tokenizer, template, window, namespace, cache, galp)
         self.device = next(model.parameters()).device
         on_gpu = self.device.type == "cuda"
         if attention not in ATTENTION_PATHS:
@@ -164,8 +158,20 @@ class ScoringEngine:
         self.compiled = compile and self.attention == "sparse" and compile_layers(model)
         if compile and not self.compiled:
             log.info("compile: not applied (the %s attention path runs the model as transformers does)", self.attention)
+
+    def _init_definition(self, model, tokenizer, template, window, namespace, cache, galp) -> None:
+        """What every backend shares (engine/backends.py too): the student, the definition's
+        parameters and the cache."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.window = WindowSpec.parse(window)
+        self.namespace = namespace
+        self.cache = cache
+        self.galp = galp
         self._on_batch = None
         self._t0 = time.perf_counter()
+        self._model_seconds = 0.0
 
     # -- public ---------------------------------------------------------------------------
 
