@@ -17,6 +17,12 @@ per window spec; the three engines share one score cache, so a window that two s
 (the first steps' windows all start at the response's start) is computed once.
 
     python -m benchmarks.eval_steps [--limit N] [--threads 2] [--model smollm2] [--json out.json]
+                                    [--cache .eval_steps/cache.jsonl]
+
+The full run takes over an hour on two CPU cores, so every scored window is appended to a cache
+file as it is computed (`--cache`, default `.eval_steps/cache.jsonl`, git-ignored): a run that is
+stopped resumes where it was, and a rerun of finished work is read back, not recomputed. The cache
+file is per student (its fingerprint is in every key); `--cache ''` keeps it in memory only.
 
 The last line: n=<responses> auroc_local=<a> auroc_global=<b> top1_local=<c> top1_global=<d>
 (local = fixed:4).
@@ -28,6 +34,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import polars as pl
 
@@ -90,6 +97,36 @@ def evaluate(step_scores: dict[str, list[float]], wrong: dict[str, int]) -> dict
     return out
 
 
+class FileCache:
+    """The engine's score cache, appended to a JSON-lines file as windows are scored, so a
+    stopped run resumes. A torn last line (a kill mid-write) is skipped on reading."""
+
+    def __init__(self, path: str):
+        from lalp_resources.engine import DictCache
+
+        self.mem, self.path, self.torn = DictCache(), Path(path), 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            with self.path.open(encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        self.mem.store([json.loads(line)])
+                    except (ValueError, TypeError):
+                        self.torn += 1
+
+    def __len__(self) -> int:
+        return len(self.mem.data)
+
+    def lookup(self, keys):
+        return self.mem.lookup(keys)
+
+    def store(self, rows):
+        rows = [list(r) for r in rows]
+        self.mem.store(rows)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--limit", type=int, default=0, help="the first N labelled responses (0 = all 444)")
@@ -98,6 +135,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--json", default="", help="also write the figures to this JSON file")
+    ap.add_argument("--cache", default=".eval_steps/cache.jsonl",
+                    help="append scored windows here and resume from it ('' = in memory only)")
     args = ap.parse_args(argv)
 
     import torch
@@ -116,7 +155,11 @@ def main(argv=None) -> int:
     n_steps = steps.height
     print(f"{labels.height} labelled responses ({len(wrong)} with the first wrong character inside a step), "
           f"{n_steps} steps; student {st.fingerprint} on {st.device}/{st.dtype}", file=sys.stderr)
-    cache = DictCache()  # shared by the three window specs: a window they have in common is scored once
+    # Shared by the three window specs: a window they have in common is scored once.
+    cache = FileCache(args.cache) if args.cache else DictCache()
+    if args.cache:
+        print(f"score cache {args.cache}: {len(cache)} windows from earlier runs"
+              + (f" ({cache.torn} torn lines skipped)" if cache.torn else ""), file=sys.stderr)
     namespace = f"{st.fingerprint}|chat|{st.dtype}"
     results, timing = {}, {}
     for window, _ in WINDOWS:
@@ -126,10 +169,14 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)  # after the engine, which pins to the cores it may use
         t1 = time.perf_counter()
         scores: dict[str, list[float]] = {}
+        done = set()
         for chunk in eng.score(items):
             cache.store(chunk.new_cache_rows)
             for s in chunk.steps:
                 scores.setdefault(s.response_id, []).append(s.mean_logprob)
+                done.add(s.response_id)
+            el = time.perf_counter() - t1
+            print(f"  {window}: {len(done)}/{len(items)} responses, {el:.0f}s", file=sys.stderr, flush=True)
         timing[window] = {"seconds": round(time.perf_counter() - t1, 1), "windows_scored": eng.stats.windows_scored,
                           "windows_cached": eng.stats.windows_cached, "tokens_forwarded": eng.stats.tokens_forwarded}
         results[window] = evaluate(scores, wrong)
