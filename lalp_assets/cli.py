@@ -165,7 +165,8 @@ def _engine(args, settings: Settings, student):
     if args.approx:
         print("note: --approx uses one step-sliding pass per response; step scores are NOT exact LALP", file=sys.stderr)
         return ScoringEngine(student.model, student.tokenizer, approx=True, **kw)
-    return ScoringEngine(student.model, student.tokenizer, compile=settings.compile, **kw)
+    return ScoringEngine(student.model, student.tokenizer, compile=settings.compile,
+                         cpu_kernels=settings.cpu_kernels, **kw)
 
 
 def _progress_bar(total: int):

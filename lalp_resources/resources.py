@@ -72,6 +72,7 @@ class StudentModelResource(dg.ConfigurableResource):
     batch_tokens: int
     group_tokens: int    # prompts per committed chunk, by estimated tokens (0: default)
     compile: bool        # torch.compile the decoder layers (see ScoringEngine)
+    cpu_kernels: bool    # packed oneDNN GEMMs, fused MLP and RMSNorm on CPU (engine/cpu_kernels.py)
     backend: str         # engine | vllm | openai:<base url> (lalp_resources/engine/backends.py)
     vllm_tp: int
     vllm_pp: int
@@ -101,7 +102,8 @@ class StudentModelResource(dg.ConfigurableResource):
                   group_tokens=self.group_tokens or None)
         if self.backend == "engine":
             return ScoringEngine(st.model, st.tokenizer, row_tokens=self.row_tokens or None,
-                                 batch_tokens=self.batch_tokens or None, compile=self.compile, **kw)
+                                 batch_tokens=self.batch_tokens or None, compile=self.compile,
+                                 cpu_kernels=self.cpu_kernels, **kw)
         from lalp_resources.engine.backends import OpenAIScoringEngine, VLLMScoringEngine
 
         if self.backend == "vllm":

@@ -94,6 +94,10 @@ class Settings:
     compile: bool = field(default=False, metadata=_meta(
         "LALP_COMPILE", "engine: `1` compiles the student's decoder layers with `torch.compile` (about 1.2x on "
         "this CPU after a one-off compile per process; worth it for long runs)"))
+    cpu_kernels: bool = field(default=True, metadata=_meta(
+        "LALP_CPU_KERNELS", "engine on CPU in float32: packed oneDNN GEMMs with the MLP's SiLU and product and the "
+        "RMSNorm fused, as vLLM's CPU backend runs them (about 1.1-1.2x; one more copy of the linear weights in "
+        "memory); `0` runs the student's modules as transformers does"))
     backend: str = field(default="engine", metadata=_meta(
         "LALP_BACKEND", "who computes the scores, all to the same definition: `engine` (this package's exact engine), "
         "`vllm` (vLLM in-process, its own venv: `make setup-vllm`), or `openai:<base url>` (an OpenAI-compatible "

@@ -33,6 +33,7 @@ pick the mode with a flag.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -43,6 +44,7 @@ import numpy as np
 import torch
 
 from lalp_resources.engine import attention as attn
+from lalp_resources.engine.cpu_kernels import fast_cpu
 from lalp_resources.engine.head import DeviceAccumulator, target_logprobs
 from lalp_resources.engine.plan import (
     GALP_STEP, Layout, Task, Unit, batch_rows, build_units, dense_layout, pack_rows, pack_sparse, split_tiles,
@@ -97,6 +99,8 @@ class ScoringEngine:
     cache key, so a different student or dtype never reuses a score. `attention` picks the path:
     `auto` (sparse where supported, else dense), `sparse` or `dense`. `compile=True` compiles the
     student's decoder layers on the sparse path (`compile_layers`; a one-off cost per process).
+    `cpu_kernels=True` runs the model's work on CPU in float32 with packed oneDNN GEMMs and fused
+    MLP and RMSNorm (`cpu_kernels.FastCPU`; an extra copy of the linear weights).
     """
 
     def __new__(cls, *args, approx: bool = False, **kwargs):
@@ -124,6 +128,7 @@ class ScoringEngine:
         query_chunk: int | None = None,
         approx: bool = False,
         compile: bool = False,
+        cpu_kernels: bool = True,
     ):
         self._init_definition(model, tokenizer, template, window, namespace, cache, galp)
         self.device = next(model.parameters()).device
@@ -158,6 +163,8 @@ class ScoringEngine:
         self.compiled = compile and self.attention == "sparse" and compile_layers(model)
         if compile and not self.compiled:
             log.info("compile: not applied (the %s attention path runs the model as transformers does)", self.attention)
+        # oneDNN packed GEMMs and fused MLP/RMSNorm on CPU (cpu_kernels.py); compiled layers fuse on their own
+        self.fast = fast_cpu(model) if cpu_kernels and not self.compiled else None
 
     def _init_definition(self, model, tokenizer, template, window, namespace, cache, galp) -> None:
         """What every backend shares (engine/backends.py too): the student, the definition's
@@ -306,10 +313,11 @@ class ScoringEngine:
         """The model's work for a group: the units' log-probs summed into the tasks' totals (sum,
         count, head1, head2 per task; the vLLM and server backends, engine/backends.py, replace
         this and `_build_units`)."""
-        if self.attention == "sparse":
-            self._run_sparse(units, prefixes, totals)
-        else:
-            self._run_dense(units, prefixes, totals)
+        with self.fast.active() if self.fast else contextlib.nullcontext():
+            if self.attention == "sparse":
+                self._run_sparse(units, prefixes, totals)
+            else:
+                self._run_dense(units, prefixes, totals)
 
     # -- device helpers -------------------------------------------------------------------
 
