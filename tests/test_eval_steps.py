@@ -40,8 +40,9 @@ def test_first_wrong_step_is_the_step_holding_the_first_wrong_character():
 
 def test_harness_end_to_end_with_a_tiny_student(tmp_path, smol_tokenizer, capsys):
     model = save_tiny_student(tmp_path / "tiny", smol_tokenizer, seed=2)
-    assert ev.main(["--limit", "3", "--model", str(model), "--device", "cpu", "--dtype", "float32",
-                    "--json", str(tmp_path / "out.json")]) == 0
+    argv = ["--limit", "3", "--model", str(model), "--device", "cpu", "--dtype", "float32",
+            "--json", str(tmp_path / "out.json"), "--cache", str(tmp_path / "cache" / "c.jsonl")]
+    assert ev.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     m = LAST.match(lines[-1])
     assert m and m.group(1) == "3", lines[-1]
@@ -52,11 +53,33 @@ def test_harness_end_to_end_with_a_tiny_student(tmp_path, smol_tokenizer, capsys
     # the global windows of the first steps are those of the local specs: taken from the shared cache
     assert out["timing"]["fraction:1.0"]["windows_cached"] > 0
 
+    # A stopped run resumes from the cache file; a torn last line (a kill mid-write) is skipped.
+    with open(tmp_path / "cache" / "c.jsonl", "a") as f:
+        f.write('["a-key-cut-short", -1.')
+    assert ev.main(argv) == 0
+    cap = capsys.readouterr()
+    assert cap.out.strip().splitlines()[-1] == lines[-1]
+    assert "(1 torn lines skipped)" in cap.err
+    again = json.loads((tmp_path / "out.json").read_text())
+    assert all(t["windows_scored"] == 0 and t["windows_cached"] > 0 for t in again["timing"].values())
+
+
+def test_file_cache_round_trip(tmp_path):
+    path = tmp_path / "deep" / "c.jsonl"
+    c = ev.FileCache(str(path))
+    assert len(c) == 0 and c.lookup(["k"]) == {}
+    c.store([("k1", -3.5, 4, -1.25, -2.0), ("k2", -1.0, 2)])
+    back = ev.FileCache(str(path))
+    assert back.lookup(["k1", "k2", "k3"]) == {"k1": (-3.5, 4, -1.25, -2.0), "k2": (-1.0, 2, None, None)}
+    assert back.torn == 0
+
 
 @pytest.mark.slow
-def test_make_eval_steps_limit_20_with_the_real_student():
-    """What CI runs: `make eval-steps EVAL_ARGS=--limit 20` (the same module and arguments)."""
-    res = subprocess.run([sys.executable, "-m", "benchmarks.eval_steps", "--limit", "20"], cwd=REPO,
+def test_make_eval_steps_limit_20_with_the_real_student(tmp_path):
+    """What CI runs: `make eval-steps EVAL_ARGS=--limit 20` (the same module and arguments, with
+    the cache file in a temporary folder so that nothing from an earlier run is read back)."""
+    res = subprocess.run([sys.executable, "-m", "benchmarks.eval_steps", "--limit", "20",
+                          "--cache", str(tmp_path / "c.jsonl")], cwd=REPO,  # scored here, not read back
                          capture_output=True, text=True, check=True)
     last = res.stdout.strip().splitlines()[-1]
     m = LAST.match(last)
