@@ -96,7 +96,7 @@ class Settings:
         "this CPU after a one-off compile per process; worth it for long runs)"))
     cpu_kernels: bool = field(default=True, metadata=_meta(
         "LALP_CPU_KERNELS", "engine on CPU in float32: packed oneDNN GEMMs with the MLP's SiLU and product and the "
-        "RMSNorm fused, as vLLM's CPU backend runs them (about 1.1-1.2x; one more copy of the linear weights in "
+        "RMSNorm fused, as vLLM's CPU backend runs them (1.1-1.45x on this CPU; one more copy of the linear weights in "
         "memory); `0` runs the student's modules as transformers does"))
     backend: str = field(default="engine", metadata=_meta(
         "LALP_BACKEND", "who computes the scores, all to the same definition: `engine` (this package's exact engine), "
