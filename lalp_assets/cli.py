@@ -91,20 +91,6 @@ def cmd_score(args) -> int:
     # another backend than the engine holds the weights itself: the student's tokenizer and identity here
     student = load_student(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir,
                            weights=settings.backend == "engine")
-    screened = pipeline.screen_traces(traces, student.tokenizer, settings.template, settings.control_tokens,
-                                      settings.max_prompt_tokens, settings.max_response_tokens)
-    traces, too_long = screened.kept, screened.rejected
-    if screened.control_token_rows and settings.control_tokens == "keep":
-        print(f"note: {screened.control_token_rows} response(s) hold control-token strings; kept and scored as plain text "
-              "(LALP_CONTROL_TOKENS=keep)", file=sys.stderr)
-    quarantine = pl.concat([res.quarantine, too_long], how="diagonal_relaxed") if too_long.height else res.quarantine
-    for row in too_long.iter_rows(named=True):
-        print(f"  skipped: {row['detail']} (prompt_id={row['prompt_id']!r}, teacher={row['teacher']!r})", file=sys.stderr)
-    if quarantine.height:
-        quarantine.write_parquet(out / "quarantine.parquet")
-    if traces.height == 0:
-        print("error: no valid rows to score", file=sys.stderr)
-        return 2
     if settings.segmenter == "llm":
         from lalp_resources.llm_segmenter import LLMSegmenter
 
@@ -117,7 +103,21 @@ def cmd_score(args) -> int:
         from lalp_resources.method.segmentation import segment
 
         segment_fn = lambda text: (segment(text, settings.segmenter), None)  # noqa: E731
-    steps = pipeline.segment_traces(traces, segment_fn, student.tokenizer)
+    steps, screened = pipeline.screen_and_segment(traces, student.tokenizer, settings.template, settings.control_tokens,
+                                                  settings.max_prompt_tokens, settings.max_response_tokens, segment_fn,
+                                                  batch_prompts=settings.steps_batch_prompts)
+    traces, too_long = screened.kept, screened.rejected
+    if screened.control_token_rows and settings.control_tokens == "keep":
+        print(f"note: {screened.control_token_rows} response(s) hold control-token strings; kept and scored as plain text "
+              "(LALP_CONTROL_TOKENS=keep)", file=sys.stderr)
+    quarantine = pl.concat([res.quarantine, too_long], how="diagonal_relaxed") if too_long.height else res.quarantine
+    for row in too_long.iter_rows(named=True):
+        print(f"  skipped: {row['detail']} (prompt_id={row['prompt_id']!r}, teacher={row['teacher']!r})", file=sys.stderr)
+    if quarantine.height:
+        quarantine.write_parquet(out / "quarantine.parquet")
+    if traces.height == 0:
+        print("error: no valid rows to score", file=sys.stderr)
+        return 2
     items = pipeline.score_items(steps, traces)
     engine = _engine(args, settings, student)
     bar = _progress_bar(len(steps) + len(items))

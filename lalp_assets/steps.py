@@ -9,7 +9,7 @@ from lalp_assets.partitions import scope_of, settled_partitions
 from lalp_assets.versions import ensure_version, steps_version
 from lalp_resources import expectations as gx_suites
 from lalp_resources.method.aggregation import sample_prompts
-from lalp_resources.pipeline import screen_traces, segment_traces, utcnow
+from lalp_resources.pipeline import screen_and_segment, utcnow
 from lalp_resources.resources import PipelineSettingsResource, SegmentationResource, StudentModelResource, WarehouseResource
 from lalp_resources.warehouse import insert, query, run_transaction
 
@@ -77,8 +77,15 @@ def build(segmentation, student, settings, partitions_def, backfill) -> dg.Asset
         sampled = traces.filter(pl.col("prompt_id").is_in(list(keep)))
         kept = known.filter(pl.col("prompt_id").is_in(list(keep))).select("response_id")
         tokenizer = student.tokenizer()
-        screened = screen_traces(sampled, tokenizer, settings.template, settings.control_tokens,
-                                 settings.max_prompt_tokens, settings.max_response_tokens)
+        context.log.info(
+            f"screening and segmenting {sampled.height} new or changed responses with '{segmentation.method}', "
+            f"{settings.steps_batch_prompts or 'all'} prompts at a time; passed over {kept.height} whose steps are "
+            f"already there ({len(keep)} of {len(all_prompts)} prompts sampled; max_prompts={settings.max_prompts})"
+        )
+        steps, screened = screen_and_segment(
+            sampled, tokenizer, settings.template, settings.control_tokens, settings.max_prompt_tokens,
+            settings.max_response_tokens, segmentation.segment_fn(), batch_prompts=settings.steps_batch_prompts,
+            progress=progress_log(context.log, "segmenting, response passes (2 per response):", settings.progress_every_s))
         sampled, too_long = screened.kept, screened.rejected
         if screened.control_token_rows:
             verb = "kept and scored as plain text" if settings.control_tokens == "keep" else "not scored"
@@ -86,13 +93,6 @@ def build(segmentation, student, settings, partitions_def, backfill) -> dg.Asset
                                 "(LALP_CONTROL_TOKENS; see `quarantine`, stage 'steps')")
         if screened.over_token_caps:
             context.log.warning(f"{screened.over_token_caps} response(s) over the token caps are not scored (see `quarantine`, stage 'steps')")
-        context.log.info(
-            f"segmenting {sampled.height} new or changed responses with '{segmentation.method}'; passed over {kept.height} "
-            f"whose steps are already there ({len(keep)} of {len(all_prompts)} prompts sampled; max_prompts={settings.max_prompts})"
-        )
-        steps = segment_traces(sampled, segmentation.segment_fn(), tokenizer,
-                               progress=progress_log(context.log, "segmenting, response passes (2 per response):",
-                                                     settings.progress_every_s))
         steps = steps.join(
             sampled.select("response_id", "source_uri", "source_sha256", "ingest_run_id"), on="response_id"
         ).with_columns(

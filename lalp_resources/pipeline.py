@@ -27,7 +27,7 @@ from lalp_resources.method.aggregation import (  # noqa: F401
     spans_by_response,
     steps_from_spans,
 )
-from lalp_resources.method.tokenization import control_strings, merge_unscored_steps, text_ids, tokenize_many
+from lalp_resources.method.tokenization import control_strings, encode_arrays, merge_unscored_steps, text_ids, tokenize_many
 
 Segmenter = Callable[[str], tuple[list[tuple[int, int]], "str | None"]]
 
@@ -84,16 +84,20 @@ def token_counts(tokenizer, texts: Sequence[str]) -> list[int]:
     return out
 
 
-def token_caps(traces: pl.DataFrame, tokenizer, max_prompt_tokens: int, max_response_tokens: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+def token_caps(traces: pl.DataFrame, tokenizer, max_prompt_tokens: int, max_response_tokens: int,
+               response_counts: Sequence[int] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Split traces into (kept, rejected): prompts or responses with more student tokens than the
     caps are not scored. The character caps at ingest bound memory first, and the texts are
     tokenized in bounded batches, so this stays bounded too. `rejected` carries the quarantine
-    columns with the limit in the detail (a prompt over its cap is reported before a response)."""
+    columns with the limit in the detail (a prompt over its cap is reported before a response).
+    `response_counts`: the responses' token counts, where the caller tokenized them already."""
     if traces.height == 0:
         return traces, _token_rejects(traces.head(0), [])
     n = traces.height
     n_p = pl.Series(token_counts(tokenizer, traces["prompt"].to_list()) if max_prompt_tokens else [0] * n, dtype=pl.Int64)
-    n_r = pl.Series(token_counts(tokenizer, traces["response"].to_list()) if max_response_tokens else [0] * n, dtype=pl.Int64)
+    if response_counts is None and max_response_tokens:
+        response_counts = token_counts(tokenizer, traces["response"].to_list())
+    n_r = pl.Series(response_counts if max_response_tokens else [0] * n, dtype=pl.Int64)
     over_p = (n_p > max_prompt_tokens) if max_prompt_tokens else pl.Series([False] * n)
     over_r = ~over_p & ((n_r > max_response_tokens) if max_response_tokens else pl.Series([False] * n))
     bad = over_p | over_r
@@ -155,6 +159,56 @@ def screen_traces(traces: pl.DataFrame, tokenizer, template: str, control_tokens
     return Screened(kept, rejected, n_control, too_long.height)
 
 
+STEPS_BATCH_PROMPTS = 2048
+
+
+def screen_and_segment(traces: pl.DataFrame, tokenizer, template: str, control_tokens: str, max_prompt_tokens: int,
+                       max_response_tokens: int, segment_fn: Segmenter, batch_prompts: int = STEPS_BATCH_PROMPTS,
+                       progress: Callable[[int, int], None] | None = None) -> tuple[pl.DataFrame, Screened]:
+    """The steps stage, the same for the assets and `lalp score`: `screen_traces`, then
+    `segment_traces`, over `batch_prompts` prompts at a time. Each response is tokenized once,
+    and that one tokenization serves both the token cap and the merge of steps that own no token;
+    the token starts in memory are those of one batch, whatever the rows. Steps come out in
+    response-id order, as from one call over everything. `progress(done, total)`: as in
+    `segment_traces`, over all the batches."""
+    pids = traces["prompt_id"].unique().sort().to_list() if traces.height else []
+    step = max(1, batch_prompts) if batch_prompts > 0 else max(1, len(pids))
+    n = traces.height
+    steps, kept_parts, rejected, n_control, n_caps, done = [], [], [], 0, 0, 0
+    for lo in range(0, len(pids), step):
+        batch = traces.filter(pl.col("prompt_id").is_in(pids[lo:lo + step])) if step < len(pids) else traces
+        kept, control, c = control_token_split(batch, tokenizer, template, control_tokens)
+        n_control += c
+        starts = None
+        if max_response_tokens and kept.height:
+            texts = kept["response"].to_list()
+            starts = [st for a, b in text_blocks(texts) for _, st, _ in encode_arrays(tokenizer, texts[a:b])]
+            kept, too_long = token_caps(kept.with_row_index("_lalp_row"), tokenizer, max_prompt_tokens,
+                                        max_response_tokens, response_counts=[len(st) for st in starts])
+            starts = [starts[i] for i in kept["_lalp_row"].to_list()]
+            kept = kept.drop("_lalp_row")
+        else:
+            kept, too_long = token_caps(kept, tokenizer, max_prompt_tokens, max_response_tokens)
+        n_caps += too_long.height
+        rejected += [r for r in (control, too_long) if r.height]
+        base = done + (batch.height - kept.height)   # screened-out rows count as done in both passes
+        steps.append(segment_traces(kept, segment_fn, tokenizer, starts=starts, progress=None if not progress else (
+            lambda d, t, base=base: progress(2 * base + d, 2 * n))))
+        kept_parts.append(kept)
+        done += batch.height
+    if progress and n:
+        progress(2 * n, 2 * n)
+    if not steps:
+        return segment_traces(traces, segment_fn, tokenizer), Screened(traces, _token_rejects(traces.head(0), []), 0, 0)
+    out, kept_all = pl.concat(steps), pl.concat(kept_parts)
+    if len(steps) > 1:   # back to the input's order, as one call over everything gives
+        order = traces.select("response_id").with_row_index("_lalp_order")
+        kept_all = kept_all.join(order, on="response_id", how="left").sort("_lalp_order").drop("_lalp_order")
+        out = out.join(order, on="response_id", how="left").sort("_lalp_order", "step_index").drop("_lalp_order")
+    rej = pl.concat(rejected) if rejected else _token_rejects(traces.head(0), [])
+    return out, Screened(kept_all, rej, n_control, n_caps)
+
+
 def _token_rejects(rows: pl.DataFrame, reasons: list[tuple[str, str]]) -> pl.DataFrame:
     return pl.DataFrame(
         {
@@ -173,10 +227,12 @@ def _token_rejects(rows: pl.DataFrame, reasons: list[tuple[str, str]]) -> pl.Dat
 
 
 def segment_traces(traces: pl.DataFrame, segment_fn: Segmenter, tokenizer,
-                   progress: Callable[[int, int], None] | None = None) -> pl.DataFrame:
+                   progress: Callable[[int, int], None] | None = None,
+                   starts: Sequence | None = None) -> pl.DataFrame:
     """One row per step. Segment, then merge steps that own no student token into a neighbour
-    (the responses are tokenized in bounded batches, not one call per response). `progress(done,
-    total)` counts responses through both passes (total = twice the responses)."""
+    (the responses are tokenized in bounded batches, not one call per response; `starts`: each
+    response's token starts, where the caller tokenized them already). `progress(done, total)`
+    counts responses through both passes (total = twice the responses)."""
     texts = traces["response"].to_list()
     n = len(texts)
     cut = []
@@ -186,6 +242,12 @@ def segment_traces(traces: pl.DataFrame, segment_fn: Segmenter, tokenizer,
             progress(k, 2 * n)
     spans: list[list[tuple[int, int]]] = [list(c[0]) for c in cut]
     many = [i for i, sp in enumerate(spans) if len(sp) > 1]  # one step needs no merging
+    if starts is not None:
+        for k, i in enumerate(many, 1):
+            spans[i] = merge_unscored_steps(tokenizer, texts[i], spans[i], starts=starts[i].tolist())
+            if progress and k % 1000 == 0:
+                progress(n + (n - len(many)) + k, 2 * n)
+        many = []
     for lo, hi in text_blocks([texts[i] for i in many]):
         block = many[lo:hi]
         for i, (_, starts) in zip(block, tokenize_many(tokenizer, [texts[i] for i in block])):
