@@ -231,7 +231,7 @@ def segment_traces(traces: pl.DataFrame, segment_fn: Segmenter, tokenizer,
                    starts: Sequence | None = None) -> pl.DataFrame:
     """One row per step. Segment, then merge steps that own no student token into a neighbour
     (the responses are tokenized in bounded batches, not one call per response; `starts`: each
-    response's token starts, where the caller tokenized them already). `progress(done, total)`
+    response's token starts as numpy arrays (`encode_arrays`), where the caller tokenized them already). `progress(done, total)`
     counts responses through both passes (total = twice the responses)."""
     texts = traces["response"].to_list()
     n = len(texts)
