@@ -168,11 +168,11 @@ def screen_and_segment(traces: pl.DataFrame, tokenizer, template: str, control_t
     """The steps stage, the same for the assets and `lalp score`: `screen_traces`, then
     `segment_traces`, over `batch_prompts` prompts at a time. Each response is tokenized once,
     and that one tokenization serves both the token cap and the merge of steps that own no token;
-    the token starts in memory are those of one batch, whatever the rows. Steps come out in
-    response-id order, as from one call over everything. `progress(done, total)`: as in
+    the token starts in memory are those of one batch, whatever the rows. Steps and kept rows come
+    out in the input's order (response ids are unique after ingest), as from one call over everything. `progress(done, total)`: as in
     `segment_traces`, over all the batches."""
     pids = traces["prompt_id"].unique().sort().to_list() if traces.height else []
-    step = max(1, batch_prompts) if batch_prompts > 0 else max(1, len(pids))
+    step = batch_prompts if batch_prompts > 0 else max(1, len(pids))
     n = traces.height
     steps, kept_parts, rejected, n_control, n_caps, done = [], [], [], 0, 0, 0
     for lo in range(0, len(pids), step):

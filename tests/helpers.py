@@ -53,6 +53,16 @@ def zeroeval_or_skip() -> Path:
     return ZEROEVAL
 
 
+def zeroeval_traces():
+    """The shared ZeroEval traces as canonical rows (skips where they are absent)."""
+    from lalp_resources import adapters
+
+    files = sorted(str(p) for p in zeroeval_or_skip().glob("*.json") if p.name != "summary.json")
+    limits = adapters.Limits(max_prompt_chars=100_000, max_response_chars=200_000, max_teacher_chars=256,
+                             max_prompt_id_chars=256)
+    return adapters.ingest(files, "zeroeval", teacher_mode="model", limits=limits, verify=False).traces
+
+
 WORDS = "we note that the sum of x and y equals z so the answer follows from it".split()
 
 

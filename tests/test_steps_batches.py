@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from helpers import zeroeval_or_skip
+from helpers import zeroeval_traces
 from lalp_resources.method.segmentation import segment
 from lalp_resources.pipeline import screen_and_segment, screen_traces, segment_traces
 
@@ -22,13 +22,7 @@ CAP = 700  # student tokens: some real responses are longer, so the cap rejects 
 
 @pytest.fixture(scope="module")
 def traces():
-    from lalp_resources import adapters
-
-    data = zeroeval_or_skip()
-    files = sorted(str(p) for p in data.glob("*.json") if p.name != "summary.json")
-    limits = adapters.Limits(max_prompt_chars=100_000, max_response_chars=200_000, max_teacher_chars=256,
-                             max_prompt_id_chars=256)
-    t = adapters.ingest(files, "zeroeval", teacher_mode="model", limits=limits, verify=False).traces
+    t = zeroeval_traces()
     pids = sorted(t["prompt_id"].unique().to_list())[:60]
     t = t.filter(pl.col("prompt_id").is_in(pids)).filter(pl.col("response").str.strip_chars() != "")
     # two hostile rows: a control-token string in a response and in a prompt

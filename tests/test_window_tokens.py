@@ -12,7 +12,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from helpers import zeroeval_or_skip
+from helpers import zeroeval_traces as read_zeroeval
 
 pytestmark = pytest.mark.data
 
@@ -36,13 +36,7 @@ def _old_key(namespace, prefix, window, j0, j1):
 
 @pytest.fixture(scope="module")
 def zeroeval_traces():
-    from lalp_resources import adapters
-
-    data = zeroeval_or_skip()
-    files = sorted(str(p) for p in data.glob("*.json") if p.name != "summary.json")
-    limits = adapters.Limits(max_prompt_chars=100_000, max_response_chars=200_000, max_teacher_chars=256,
-                             max_prompt_id_chars=256)
-    t = adapters.ingest(files, "zeroeval", teacher_mode="model", limits=limits, verify=False).traces
+    t = read_zeroeval()
     return [(rid, p, r) for k, (rid, p, r) in enumerate(t.select("response_id", "prompt", "response").iter_rows())
             if k % 7 == 0 and r and not r.isspace()]
 
