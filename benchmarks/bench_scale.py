@@ -2,7 +2,7 @@
 
     make bench-scale ROWS=100000      # = .venv/bin/python -m benchmarks.bench_scale --rows 100000
 
-1. Inputs. N canonical traces (Parquet by default) made from the real ZeroEval MATH level-5
+1. Inputs. N canonical traces (Parquet by default, one file per 100,000 rows) made from the real ZeroEval MATH level-5
    text: new prompt id `s0000000`, `s0000001`, ... takes real problem `i mod P` (the P problems
    that all eight teachers answered parseably) and each teacher's real response to it, cycling,
    until there are N rows. Each cycle's prompts end in a different run of invisible characters
@@ -57,7 +57,7 @@ DEFAULT_TEACHERS = 8
 DEFAULT_BAD_EVERY = 1000
 # distinct real problems cycled: 128 x 8 teachers = 1,024 distinct responses, scored once
 DEFAULT_PROBLEMS = 128
-CHUNK_ROWS = 50_000
+CHUNK_ROWS = 100_000  # rows per input file (and per generation step)
 VOCAB = 1024
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
@@ -103,45 +103,43 @@ def real_rows(data_dir: Path, teachers: int, problems: int = 0):
 
 
 def generate(data_dir: Path, rows: int, teachers: int, out: Path, fmt: str, bad_every: int, problems: int = 0) -> dict:
-    """Write `rows` canonical traces to `out` in chunks (memory stays bounded by CHUNK_ROWS)."""
+    """Write `rows` canonical traces into the folder `out`, one file per CHUNK_ROWS rows (memory
+    stays bounded by a chunk; ingest, too, holds one file at a time)."""
     import polars as pl
     import pyarrow.parquet as pq
 
     real, n_problems, names = real_rows(data_dir, teachers, problems)
     n_prompts = -(-rows // teachers)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    writer = None
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     n_bad = 0
-    with open(out, "w", encoding="utf-8") if fmt == "jsonl" else _Null() as jf:
-        for lo in range(0, rows, CHUNK_ROWS):
-            hi = min(rows, lo + CHUNK_ROWS)
-            g = pl.DataFrame({"g": list(range(lo, hi))}, schema={"g": pl.Int64}).with_columns(
-                (pl.col("g") // teachers).alias("i"), (pl.col("g") % teachers).alias("k"))
-            chunk = (
-                g.with_columns((pl.col("i") % n_problems).alias("j"))
-                .join(real, on=["j", "k"], how="left")
-                .sort("g")
-                .with_columns(
-                    pl.format("s{}", pl.col("i").cast(pl.Utf8).str.zfill(7)).alias("prompt_id"),
-                    (pl.col("prompt") + (pl.col("i") // n_problems).map_batches(_cycle_marks, return_dtype=pl.Utf8))
-                    .alias("prompt"),
-                    pl.when((pl.col("g") % bad_every) == bad_every - 1).then(pl.lit("")).otherwise(pl.col("response"))
-                    .alias("response") if bad_every > 0 else pl.col("response"),
-                )
-                .select("prompt_id", "prompt", "teacher", "response", "reference_answer", "final_answer")
+    for lo in range(0, rows, CHUNK_ROWS):
+        hi = min(rows, lo + CHUNK_ROWS)
+        g = pl.DataFrame({"g": list(range(lo, hi))}, schema={"g": pl.Int64}).with_columns(
+            (pl.col("g") // teachers).alias("i"), (pl.col("g") % teachers).alias("k"))
+        chunk = (
+            g.with_columns((pl.col("i") % n_problems).alias("j"))
+            .join(real, on=["j", "k"], how="left")
+            .sort("g")
+            .with_columns(
+                pl.format("s{}", pl.col("i").cast(pl.Utf8).str.zfill(7)).alias("prompt_id"),
+                (pl.col("prompt") + (pl.col("i") // n_problems).map_batches(_cycle_marks, return_dtype=pl.Utf8))
+                .alias("prompt"),
+                pl.when((pl.col("g") % bad_every) == bad_every - 1).then(pl.lit("")).otherwise(pl.col("response"))
+                .alias("response") if bad_every > 0 else pl.col("response"),
             )
-            n_bad += int((chunk["response"] == "").sum())
-            if fmt == "jsonl":
-                chunk.write_ndjson(jf)
-            else:
-                table = chunk.to_arrow()
-                if writer is None:
-                    writer = pq.ParquetWriter(out, table.schema, compression="zstd")
-                writer.write_table(table, row_group_size=10_000)
-    if writer is not None:
-        writer.close()
+            .select("prompt_id", "prompt", "teacher", "response", "reference_answer", "final_answer")
+        )
+        n_bad += int((chunk["response"] == "").sum())
+        # one file per chunk, as datasets of this size come (a hub dataset's train-*.parquet shards)
+        part = out / f"part-{lo // CHUNK_ROWS:05d}.{fmt}"
+        if fmt == "jsonl":
+            chunk.write_ndjson(part)
+        else:
+            pq.write_table(chunk.to_arrow(), part, compression="zstd", row_group_size=10_000)
     return {"rows": rows, "prompts": n_prompts, "teachers": teachers, "real_problems": n_problems,
-            "real_teachers": len(names), "blank_responses": n_bad, "bytes": out.stat().st_size}
+            "real_teachers": len(names), "blank_responses": n_bad,
+            "files": len(list(out.iterdir())), "bytes": sum(f.stat().st_size for f in out.iterdir())}
 
 
 # Invisible characters (word joiner, function application, invisible times/separator/plus) that the
@@ -162,14 +160,6 @@ def _cycle_marks(cycles):
         return out
 
     return pl.Series([mark(c) for c in cycles.to_list()], dtype=pl.Utf8)
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 STUDENT_VERSION = "1"  # bump when the student's recipe below changes
@@ -273,7 +263,7 @@ def prescore(data_dir: Path, work: Path, model_dir: Path, teachers: int, problem
 
 def prepare(data_dir: Path, work: Path, rows: int, teachers: int, fmt: str, bad_every: int, problems: int,
             cold: bool, store: Path) -> dict:
-    info = generate(data_dir, rows, teachers, work / "inputs" / f"traces.{fmt}", fmt, bad_every, problems)
+    info = generate(data_dir, rows, teachers, work / "inputs" / "traces", fmt, bad_every, problems)
     model_dir = build_student(data_dir, student_dir(data_dir, store))
     info["student"] = str(model_dir)
     if not cold:
@@ -518,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work = args.work or Path(tempfile.mkdtemp(prefix="lalp-bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
-    trace_file = work / "inputs" / f"traces.{args.format}"
+    trace_file = work / "inputs" / "traces"
     if args.prepare_only:
         from transformers.utils import logging as hf_logging
 
@@ -537,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         info = json.loads((work / "inputs" / "info.json").read_text())
         print(f"inputs: {info['rows']:,} rows = {info['prompts']:,} prompts x {info['teachers']} teachers, cycling "
               f"{info['real_problems']} real problems answered by all {info['real_teachers']} ZeroEval teachers; "
-              f"{info['blank_responses']} blanked responses; {args.format} {info['bytes'] / 2**20:.1f} MiB "
+              f"{info['blank_responses']} blanked responses; {info.get('files', 1)} {args.format} file(s), {info['bytes'] / 2**20:.1f} MiB "
               f"(prepared with the student in {time.perf_counter() - t0:.1f}s)")
         load = os.getloadavg()
         if not args.cold:

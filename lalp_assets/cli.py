@@ -105,7 +105,7 @@ def cmd_score(args) -> int:
         segment_fn = lambda text: (segment(text, settings.segmenter), None)  # noqa: E731
     steps, screened = pipeline.screen_and_segment(traces, student.tokenizer, settings.template, settings.control_tokens,
                                                   settings.max_prompt_tokens, settings.max_response_tokens, segment_fn,
-                                                  batch_prompts=settings.steps_batch_prompts)
+                                                  batch_prompts=settings.batch_prompts)
     traces, too_long = screened.kept, screened.rejected
     if screened.control_token_rows and settings.control_tokens == "keep":
         print(f"note: {screened.control_token_rows} response(s) hold control-token strings; kept and scored as plain text "

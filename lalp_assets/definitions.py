@@ -57,7 +57,7 @@ def build_resources(s: Settings) -> dict:
             max_response_tokens=s.max_response_tokens, control_tokens=s.control_tokens, require_correct=s.require_correct, bootstrap=s.bootstrap,
             families=s.families, student=s.model, exports=s.exports, shards=s.shards, commit_every_s=s.commit_every_s,
             progress_every_s=s.progress_every_s,
-            steps_batch_prompts=s.steps_batch_prompts,
+            batch_prompts=s.batch_prompts,
         ),
     }
 

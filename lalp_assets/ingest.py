@@ -20,7 +20,7 @@ from lalp_resources import expectations as gx_suites
 from lalp_resources.markdown import markdown_table
 from lalp_resources.pipeline import assemble_traces, sync_sources, utcnow
 from lalp_resources.resources import TraceSourcesResource, WarehouseResource
-from lalp_resources.warehouse import insert, run_transaction
+from lalp_resources.warehouse import insert, insert_from, query, run_transaction
 
 CHECKS = [
     dg.AssetCheckSpec("traces_valid", asset="raw_teacher_traces", blocking=True,
@@ -62,6 +62,10 @@ def build(trace_sources: TraceSourcesResource, partitions_def, backfill) -> dg.A
     return raw_teacher_traces
 
 
+# a `source_traces` row: its file content, row, and the read that parsed it
+SOURCE_ROW = ("source_sha256", "source_row", "read_run_id")
+
+
 def _write(context, wh, scope: Scope, files, traces: pl.DataFrame, dups: pl.DataFrame):
     run_id, now = context.run.run_id, utcnow()
     present = set(traces["teacher"].unique().to_list())
@@ -79,10 +83,13 @@ def _write(context, wh, scope: Scope, files, traces: pl.DataFrame, dups: pl.Data
             "AND coalesce(stage, 'read') = 'read' GROUP BY reason ORDER BY 2 DESC, 1", [shas]).fetchall())
     for reason, n in dups.group_by("reason").len().iter_rows():
         by_reason[f"{reason} (across files)"] = n
-    mine = traces.with_columns(pl.lit(run_id).alias("ingest_run_id"), pl.lit(now).alias("ingested_at"))
+    mine = traces
     def replace(con):
         con.execute("DELETE FROM raw_teacher_traces WHERE teacher IN (SELECT unnest(?))", [replaced])
-        insert(con, "raw_teacher_traces", mine)
+        # the rows are copied inside the warehouse: the texts never pass through this process
+        insert_from(con, "raw_teacher_traces", traces.select(*SOURCE_ROW, "response_id"),
+                    "SELECT s.* EXCLUDE (read_run_id), ? AS ingest_run_id, ? AS ingested_at FROM source_traces s "
+                    f"JOIN _lalp_frame f USING ({', '.join(SOURCE_ROW)})", [run_id, now])
         con.execute("DELETE FROM quarantine WHERE stage = 'assemble' AND teacher IN (SELECT unnest(?))", [replaced])
         insert(con, "quarantine", dups.with_columns(
             pl.lit("assemble").alias("stage"), pl.lit(run_id).alias("ingest_run_id"), pl.lit(now).alias("quarantined_at")))
@@ -102,6 +109,8 @@ def _write(context, wh, scope: Scope, files, traces: pl.DataFrame, dups: pl.Data
                 "n_accepted": pl.Int64, "n_quarantined": pl.Int64},
     )
     with wh.connect(read_only=True) as con:
+        preview = query(con, "SELECT * EXCLUDE (prompt, response) FROM raw_teacher_traces "
+                             "WHERE teacher IN (SELECT unnest(?)) LIMIT 5", [replaced])
         # the selected teachers' rows in the current files: accepted here, or quarantined as duplicates
         n_teacher_rows = con.execute(
             "SELECT count(*) FROM (SELECT DISTINCT source_sha256, source_row FROM source_traces "
@@ -113,7 +122,7 @@ def _write(context, wh, scope: Scope, files, traces: pl.DataFrame, dups: pl.Data
     ).sort("teacher")
     yield dg.MaterializeResult(
         metadata=table_metadata(
-            mine.drop("prompt", "response"), "raw_teacher_traces",
+            preview, "raw_teacher_traces", row_count=mine.height,
             files=len(files), files_read_now=sum(f.new for f in files),
             rows_read=int(per_file["n_read"].sum() or 0), rows_accepted=int(per_file["n_accepted"].sum() or 0),
             rows_quarantined=int(per_file["n_quarantined"].sum() or 0), duplicates_across_files=dups.height,

@@ -7,7 +7,6 @@ cluster the warehouse is DuckLake and any number of scoring runs commit concurre
 """
 
 
-import contextlib
 import time
 
 import dagster as dg
@@ -20,9 +19,9 @@ from lalp_assets.versions import RESPONSES, ensure_version, score_version
 from lalp_resources import diagnostics
 from lalp_resources import expectations as gx_suites
 from lalp_resources.markdown import markdown_table
-from lalp_resources.pipeline import aggregate_responses, score_chunks, score_items, with_shard
+from lalp_resources.pipeline import aggregate_responses, prompt_batches, score_chunks, score_items, with_shard
 from lalp_resources.resources import PipelineSettingsResource, StudentModelResource, WarehouseResource
-from lalp_resources.warehouse import insert, lookup_scores, query, run_transaction
+from lalp_resources.warehouse import WarehouseSession, insert, query, run_transaction
 
 def k8s_gpu_tags(gpus: int = 1) -> dict:
     """A scoring pod's GPU request: one for the engine, TP x PP for the vLLM backend."""
@@ -32,74 +31,37 @@ def k8s_gpu_tags(gpus: int = 1) -> dict:
 K8S_GPU_TAGS = k8s_gpu_tags(1)
 
 
-def progress_logger(log, every_s: float = 10.0):
-    """Windows done, windows/s and time left, at most every `every_s` seconds."""
-    state = {"last": 0.0}
+class ScoringProgress:
+    """The stage's progress across its batches: responses done of the total, responses/s and time
+    left, with the windows so far (from the cache, tokens forwarded), at most every `every_s`
+    seconds and at the end. `within(before, n)` is the engine's callback for one batch of `n`
+    responses after `before` done; inside a batch, responses advance with the batch's windows."""
 
-    def report(done: int, total: int, stats) -> None:
-        now = time.monotonic()
-        if done < total and now - state["last"] < every_s:
-            return
-        state["last"] = now
-        rate = done / stats.seconds if stats.seconds else 0.0
-        eta = (total - done) / rate if rate else float("nan")
-        log.info(
-            f"scored {done}/{total} windows ({100 * done / max(total, 1):.0f}%), {rate:.1f} windows/s, "
-            f"~{eta:.0f}s left; {stats.windows_cached} from cache, {stats.tokens_forwarded} tokens forwarded"
-        )
+    def __init__(self, log, every_s: float, total: int):
+        self.log, self.every_s, self.total = log, every_s, total
+        self.t0, self.last = time.monotonic(), 0.0
 
-    return report
+    def within(self, before: int, n: int):
+        def report(done: int, total: int, stats) -> None:
+            now = time.monotonic()
+            end = done >= total and before + n >= self.total
+            if not end and now - self.last < self.every_s:
+                return
+            self.last = now
+            responses = before + (n * done / total if total else n)
+            rate = responses / (now - self.t0) if now > self.t0 else 0.0
+            eta = (self.total - responses) / rate if rate else float("nan")
+            self.log.info(
+                f"scored {responses:.0f}/{self.total} responses ({100 * responses / max(self.total, 1):.0f}%), "
+                f"{rate:.1f} responses/s, ~{eta:.0f}s left; {stats.windows_total} windows, {stats.windows_cached} "
+                f"from the cache, {stats.tokens_forwarded} tokens forwarded")
+
+        return report
 
 
-class WarehouseSession:
-    """One warehouse connection for the scoring loop's many short uses (the engine's cache lookup
-    and the commit of each chunk). Opening a DuckDB file, checking its schema and closing it
-    (which checkpoints) cost more than a chunk's commit, and that cost grows with the file, so
-    while chunks come quickly the connection is kept. It is handed back after a use that followed
-    a long idle gap (a slow model: nothing to save) and at least every `hold_s` seconds, so other
-    processes get the file (a DuckDB file has one writer). Also the engine's score cache: one
-    process cannot hold a read-only and a writable connection to the same file."""
-
-    def __init__(self, wh, hold_s: float = 5.0, idle_s: float = 1.0):
-        self.wh, self.hold_s, self.idle_s = wh, hold_s, idle_s
-        self.pending: dict[str, tuple] = {}  # scored, not yet committed: the cache sees them
-        self._cm = self._con = None
-        self._opened = 0.0
-        self._last_end: float | None = None
-
-    @contextlib.contextmanager
-    def use(self):
-        start = time.monotonic()
-        idle = start - self._last_end if self._last_end is not None else float("inf")
-        if self._con is None:
-            self._cm = self.wh.connect()
-            self._con = self._cm.__enter__()
-            self._opened = start
-        try:
-            yield self._con
-        except BaseException as e:
-            cm, self._cm, self._con = self._cm, None, None
-            if cm is not None:  # the warehouse sees the error: a full disk or a damaged file is explained
-                cm.__exit__(type(e), e, e.__traceback__)
-            raise
-        self._last_end = end = time.monotonic()
-        if idle > self.idle_s or end - self._opened > self.hold_s:
-            self.close()
-
-    def close(self) -> None:
-        cm, self._cm, self._con = self._cm, None, None
-        if cm is not None:
-            cm.__exit__(None, None, None)
-
-    def lookup(self, keys: list[str]) -> dict[str, tuple]:
-        if not keys:
-            return {}
-        with self.use() as con:
-            found = lookup_scores(con, keys)
-        if self.pending:
-            found.update((k, self.pending[k]) for k in keys if k in self.pending)
-        return found
-
+# spans and provenance; not the step texts (the engine cuts them from the response)
+STEP_COLUMNS = ("response_id, step_index, char_start, char_end, prompt_id, teacher, segmenter, segmenter_version, "
+                "source_uri, source_sha256, ingest_run_id")
 
 # Responses whose every step has a score for this student, window, template and dtype, from the
 # segmenter version their steps have now (and a GALP): nothing about them changed since.
@@ -154,7 +116,7 @@ class RowsByResponse:
 
 
 def _score_and_commit(context, engine, items, session: WarehouseSession, meta, teacher_of, cfg: dict, run_id: str,
-                      commit_every_s: float, progress_every_s: float) -> None:
+                      commit_every_s: float, progress) -> None:
     """Score, committing engine chunks (cache rows first) in one transaction at most every
     `commit_every_s` (LALP_COMMIT_EVERY_S). A commit's cost grows with the tables (key checks
     against them), so on the fast path (cache hits, a GPU) one per chunk would make the total grow
@@ -185,7 +147,7 @@ def _score_and_commit(context, engine, items, session: WarehouseSession, meta, t
     meta, teacher_of = RowsByResponse(meta), RowsByResponse(teacher_of)
     try:
         _score_chunks_into(context, engine, items, session, meta, teacher_of, cfg, run_id, commit_every_s,
-                           progress_logger(context.log, progress_every_s), pending, flush)
+                           progress, pending, flush)
     except BaseException as e:
         # SIGTERM (Dagster's terminate, Kubernetes' pod stop) or SIGINT: commit what is scored,
         # then let the run fail; a rerun takes these windows from the cache
@@ -261,49 +223,81 @@ def build_step_scores(student, settings, partitions_def, backfill, k8s_gpu: bool
             done = _settled_only(query(con, DONE_SQL, [scope.teachers, scope.teachers, *cfg.values()]),
                                  settled_partitions(context, version), settings.shards)
             con.register("_lalp_done", done.select("response_id").to_arrow())
-            # spans and provenance; not the step texts (the engine cuts them from the response)
-            steps = query(con, "SELECT response_id, step_index, char_start, char_end, prompt_id, teacher, segmenter, "
-                               "segmenter_version, source_uri, source_sha256, ingest_run_id FROM reasoning_steps "
-                               "WHERE teacher IN (SELECT unnest(?)) AND response_id NOT IN (SELECT response_id FROM _lalp_done) "
-                               "ORDER BY response_id, step_index", [scope.teachers])
-            traces = query(
+            # the work list holds ids only: steps and texts are read a batch of prompts at a time
+            todo = query(
                 con,
-                "SELECT response_id, prompt_id, teacher, prompt, response FROM raw_teacher_traces "
+                "SELECT response_id, prompt_id, teacher FROM raw_teacher_traces "
                 "WHERE response_id IN (SELECT DISTINCT response_id FROM reasoning_steps WHERE teacher IN (SELECT unnest(?))) "
-                "AND response_id NOT IN (SELECT response_id FROM _lalp_done) ORDER BY prompt_id, teacher",
+                "AND response_id NOT IN (SELECT response_id FROM _lalp_done)",
                 [scope.teachers],
             )
             previous = query(con, "SELECT response_id, prompt_id, teacher FROM galp_scores JOIN "
                                   "(SELECT DISTINCT response_id, prompt_id FROM step_scores) USING (response_id) "
                                   "WHERE teacher IN (SELECT unnest(?))", [scope.teachers])
-        steps, traces = _in_scope(steps, scope, settings.shards), _in_scope(traces, scope, settings.shards)
-        done = _in_scope(done, scope, settings.shards)
-        current = pl.concat([traces["response_id"], done["response_id"]])
+        todo, done = _in_scope(todo, scope, settings.shards), _in_scope(done, scope, settings.shards)
+        current = pl.concat([todo["response_id"], done["response_id"]])
         stale = _in_scope(previous, scope, settings.shards).filter(~pl.col("response_id").is_in(current.implode()))
         run_id = context.run.run_id
-        items = score_items(steps, traces)
+        batches = prompt_batches(todo, settings.batch_prompts)
         # the file is handed back at least every 2.5 commit intervals (5 s by default; 0: after every use)
         session = WarehouseSession(wh, hold_s=2.5 * settings.commit_every_s)
         engine = student.engine(settings.template, settings.window, cache=session)
-        meta = steps.select("response_id", "step_index", "prompt_id", "teacher", "segmenter", "segmenter_version",
-                            "source_uri", "source_sha256", "ingest_run_id")
-        teacher_of = traces.select("response_id", "teacher")
         if done.height:
             context.log.info(f"passed over {done.height} response(s) already scored under these settings")
-        context.log.info(f"scoring {len(items)} responses ({steps.height} steps) of {scope.describe()} with {st.fingerprint} "
-                         f"on {st.device}/{st.dtype}")
+        context.log.info(f"scoring {todo.height} responses of {scope.describe()} in {len(batches)} batch(es) of "
+                         f"{settings.batch_prompts or 'all'} prompts with {st.fingerprint} on {st.device}/{st.dtype}")
         t0 = time.perf_counter()
-        ids = traces["response_id"].to_list() + stale["response_id"].to_list()
+        ids = todo["response_id"].to_list() + stale["response_id"].to_list()
 
         def clear(con):  # this scope's old rows go; responses no longer in it too
             con.execute("DELETE FROM step_scores WHERE response_id IN (SELECT unnest(?))", [ids])
             con.execute("DELETE FROM galp_scores WHERE response_id IN (SELECT unnest(?))", [ids])
 
+        checks, head, n_steps, n_done = [], None, 0, 0
+        progress = ScoringProgress(context.log, settings.progress_every_s, todo.height)
         try:
             with session.use() as con:
                 run_transaction(con, lambda: clear(con))
-            _score_and_commit(context, engine, items, session, meta, teacher_of, cfg, run_id, settings.commit_every_s,
-                              settings.progress_every_s)
+            held = None
+            for k, batch_ids in enumerate(batches):
+                with session.use() as con:
+                    steps = query(con, f"SELECT {STEP_COLUMNS} FROM reasoning_steps WHERE response_id IN (SELECT unnest(?)) "
+                                       "ORDER BY response_id, step_index", [batch_ids])
+                    traces = query(con, "SELECT response_id, prompt_id, teacher, prompt, response FROM raw_teacher_traces "
+                                        "WHERE response_id IN (SELECT unnest(?)) ORDER BY prompt_id, teacher", [batch_ids])
+                if held is not None:
+                    steps, traces = pl.concat([held[0], steps]), pl.concat([held[1], traces])
+                items = score_items(steps, traces)
+                held = None
+                if k < len(batches) - 1:
+                    # the batch's last engine group waits for the next batch's first prompts, so the
+                    # engine groups (and forwards) exactly as in one call over the scope
+                    later = set(engine.groups(items)[-1]) if items else set()
+                    wait = [it.response_id for it in items if it.prompt in later]
+                    items = [it for it in items if it.prompt not in later]
+                    keep = pl.col("response_id").is_in(pl.Series(wait, dtype=pl.Utf8).implode())
+                    held = (steps.filter(keep), traces.filter(keep))
+                    steps, traces = steps.filter(~keep), traces.filter(~keep)
+                meta = steps.select("response_id", "step_index", "prompt_id", "teacher", "segmenter", "segmenter_version",
+                                    "source_uri", "source_sha256", "ingest_run_id")
+                del steps
+                _score_and_commit(context, engine, items, session, meta, traces.select("response_id", "teacher"), cfg,
+                                  run_id, settings.commit_every_s, progress.within(n_done, traces.height))
+                del items, meta
+                # what the check reads, for every row scored now; every column for a few rows (schema and preview)
+                now = traces["response_id"].to_list()
+                with session.use() as con:
+                    mine = query(con, "SELECT response_id, step_index, mean_logprob, n_tokens FROM step_scores "
+                                      "WHERE response_id IN (SELECT unnest(?))", [now])
+                    if head is None and mine.height:
+                        head = query(con, "SELECT * FROM step_scores WHERE response_id IN (SELECT unnest(?)) "
+                                          "ORDER BY response_id, step_index LIMIT 5", [now])
+                checks.append(gx_suites.step_scores_suite(mine))
+                n_steps += mine.height
+                n_done += traces.height
+            if head is None:
+                with session.use() as con:
+                    head = query(con, "SELECT * FROM step_scores LIMIT 0")
         finally:
             session.close()
         secs = time.perf_counter() - t0
@@ -316,15 +310,10 @@ def build_step_scores(student, settings, partitions_def, backfill, k8s_gpu: bool
                 f"({getattr(getattr(st.model, 'config', None), 'max_position_embeddings', '?')} tokens): scored in full, not truncated, "
                 "but such scores are less reliable; consider a smaller window (LALP_WINDOW) or a longer-context student"
             )
-        with wh.connect(read_only=True) as con:
-            # what the check reads, for every row; every column for a few rows (schema and preview)
-            scored = "FROM step_scores WHERE response_id IN (SELECT unnest(?))"
-            mine = query(con, f"SELECT response_id, step_index, mean_logprob, n_tokens {scored}", [traces["response_id"].to_list()])
-            head = query(con, f"SELECT * {scored} ORDER BY response_id, step_index LIMIT 5", [traces["response_id"].to_list()])
         yield dg.MaterializeResult(
             metadata=table_metadata(
-                head.drop("source_uri", "source_sha256"), "step_scores", row_count=mine.height + int(done["n_steps"].sum() or 0),
-                responses_scored=traces.height, responses_passed_over=done.height,
+                head.drop("source_uri", "source_sha256"), "step_scores", row_count=n_steps + int(done["n_steps"].sum() or 0),
+                responses_scored=n_done, responses_passed_over=done.height, batches=len(batches),
                 windows_total=stats.windows_total, windows_scored=stats.windows_scored, windows_cached=stats.windows_cached,
                 windows_over_context=stats.windows_over_context,
                 tokens_forwarded=stats.tokens_forwarded, seconds=round(secs, 2),
@@ -332,7 +321,7 @@ def build_step_scores(student, settings, partitions_def, backfill, k8s_gpu: bool
                 student=st.fingerprint, device=st.device, dtype=st.dtype, window=settings.window, template=settings.template,
             )
         )
-        yield check_result("step_scores_valid", gx_suites.step_scores_suite(mine))
+        yield check_result("step_scores_valid", gx_suites.merge(checks))
 
     return step_scores
 

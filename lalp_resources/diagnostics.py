@@ -280,16 +280,22 @@ def per_response(steps: pl.DataFrame) -> pl.DataFrame:
 
 # Spearman rho per teacher over all its scored steps in SQL (average ranks: the Pearson correlation
 # of rank + (ties - 1) / 2), so it scales with the table instead of a sample; `?` = prompt ids left out.
+# Twice the average rank is an integer, so the sums are exact (HUGEINT) and rho does not depend on
+# the order the rows are stored or summed in (DuckDB's corr() does, in its last bits).
 LENGTH_BIAS_SQL = """
-SELECT teacher, corr(rs, rn) AS length_rho FROM (
-  SELECT teacher,
-         rank() OVER (PARTITION BY teacher ORDER BY mean_logprob)
-           + (count(*) OVER (PARTITION BY teacher, mean_logprob) - 1) / 2.0 AS rs,
-         rank() OVER (PARTITION BY teacher ORDER BY n_tokens)
-           + (count(*) OVER (PARTITION BY teacher, n_tokens) - 1) / 2.0 AS rn
-  FROM step_scores
-  WHERE n_tokens > 0 AND isfinite(mean_logprob) AND prompt_id NOT IN (SELECT unnest(?::VARCHAR[]))
-) GROUP BY teacher HAVING count(*) >= 3
+SELECT teacher, (n * sxy - sx * sy)::DOUBLE / sqrt((n * sxx - sx * sx)::DOUBLE * (n * syy - sy * sy)::DOUBLE) AS length_rho
+FROM (
+  SELECT teacher, count(*)::HUGEINT AS n, sum(x) AS sx, sum(y) AS sy, sum(x * y) AS sxy, sum(x * x) AS sxx, sum(y * y) AS syy
+  FROM (
+    SELECT teacher,
+           (2 * rank() OVER (PARTITION BY teacher ORDER BY mean_logprob)
+             + count(*) OVER (PARTITION BY teacher, mean_logprob) - 1)::HUGEINT AS x,
+           (2 * rank() OVER (PARTITION BY teacher ORDER BY n_tokens)
+             + count(*) OVER (PARTITION BY teacher, n_tokens) - 1)::HUGEINT AS y
+    FROM step_scores
+    WHERE n_tokens > 0 AND isfinite(mean_logprob) AND prompt_id NOT IN (SELECT unnest(?::VARCHAR[]))
+  ) GROUP BY teacher HAVING count(*) >= 3
+)
 """
 
 CORRECTED = ("drop1", "drop2", "casl")

@@ -123,6 +123,25 @@ def validate(suite_name: str, df: pl.DataFrame, expectations: list[tuple[str, di
     return SuiteResult(suite_name, success, df.height, failures, evaluated)
 
 
+def merge(results: list[SuiteResult]) -> SuiteResult:
+    """One suite's outcomes over disjoint parts of a table (a stage that streams its scope in
+    batches validates each batch as it goes): rows summed, failures of the same expectation merged
+    (unexpected counts summed, the first examples kept)."""
+    if not results:
+        raise ValueError("merge: no results")
+    failures: dict[tuple[str, str], dict] = {}
+    for r in results:
+        for f in r.failures:
+            m = failures.setdefault((f["expectation"], f["kwargs"]), {**f, "unexpected_count": None, "examples": []})
+            if f.get("unexpected_count") is not None:
+                m["unexpected_count"] = (m["unexpected_count"] or 0) + f["unexpected_count"]
+            m["examples"] = (m["examples"] + list(f.get("examples") or []))[:MAX_EXAMPLES]
+            m["exception"] = m.get("exception") or f.get("exception")
+    evaluated = list(dict.fromkeys(e for r in results for e in r.evaluated))
+    return SuiteResult(results[0].suite, all(r.success for r in results), sum(r.n_rows for r in results),
+                       list(failures.values()), evaluated)
+
+
 def duplicated(column: str) -> pl.Expr:
     """`duplicate_<column>`: the row's value where it occurs more than once in the whole frame,
     else null. Uniqueness as a row-local column (expect it to be null), so it can be validated in
@@ -140,11 +159,12 @@ def unique(column: str) -> tuple[str, dict]:
 
 
 def raw_traces_suite(traces: pl.DataFrame) -> SuiteResult:
+    """`traces`: the keys, and the response or (where the texts stay in the warehouse) its
+    length without surrounding whitespace, `response_chars`."""
     keys = ["response_id", "prompt_id", "teacher", "source_uri", "source_sha256"]
-    df = traces.select(
-        *keys, duplicated("response_id"),
-        pl.col("response").fill_null("").str.strip_chars().str.len_chars().alias("response_chars"),
-    )
+    chars = (pl.col("response_chars") if "response_chars" in traces.columns
+             else pl.col("response").fill_null("").str.strip_chars().str.len_chars().alias("response_chars"))
+    df = traces.select(*keys, duplicated("response_id"), chars)
     return validate(
         "raw_teacher_traces",
         df,

@@ -162,6 +162,19 @@ def screen_traces(traces: pl.DataFrame, tokenizer, template: str, control_tokens
 STEPS_BATCH_PROMPTS = 2048
 
 
+def prompt_batches(rows: pl.DataFrame, batch_prompts: int) -> list[list[str]]:
+    """The response ids of `rows` (response_id, prompt_id) in batches of `batch_prompts` whole
+    prompts (sorted by prompt id; 0 = one batch): the unit the streaming stages read, process and
+    commit, so their memory depends on the batch and not on the rows. Always at least one batch."""
+    if rows.height == 0:
+        return [[]]
+    ordered = rows.select("prompt_id", "response_id").sort("prompt_id", "response_id")
+    rank = ordered["prompt_id"].rank("dense") - 1
+    size = batch_prompts if batch_prompts > 0 else ordered.height
+    return [part["response_id"].to_list()
+            for part in ordered.with_columns((rank // size).alias("_b")).partition_by("_b", maintain_order=True)]
+
+
 def screen_and_segment(traces: pl.DataFrame, tokenizer, template: str, control_tokens: str, max_prompt_tokens: int,
                        max_response_tokens: int, segment_fn: Segmenter, batch_prompts: int = STEPS_BATCH_PROMPTS,
                        progress: Callable[[int, int], None] | None = None) -> tuple[pl.DataFrame, Screened]:
@@ -441,22 +454,36 @@ def _sync_one(wh, item, read, sha_of, run_id, fmt, log, held, by_stat, by_sha) -
     return fv
 
 
+# Unicode White_Space, what Polars' `strip_chars` (Rust's `char::is_whitespace`) strips: the
+# blank-response check computed in SQL, so the texts need not leave the warehouse
+WHITESPACE = "".join(map(chr, [*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029,
+                               0x202F, 0x205F, 0x3000]))
+
+
 def assemble_traces(wh, files: Sequence[FileVersion], teachers: Sequence[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The selected teachers' traces from the current file versions, deduplicated across files
-    (first file in source order wins). Returns (traces, duplicates as quarantine rows)."""
+    (first file in source order wins). Returns (the kept rows' keys, duplicates as quarantine rows).
+
+    The keys, not the texts: (source_sha256, source_row, read_run_id) name the `source_traces`
+    row to copy, with what the checks and metadata need (response_id, prompt_id, teacher,
+    is_correct, the response's length without surrounding whitespace). Responses are compared by
+    digest and only their first characters leave the warehouse (the quarantine excerpt), so memory
+    does not grow with the texts (`adapters.dedupe`, the rule `lalp ingest` applies too)."""
+    from lalp_resources.adapters.common import EXCERPT_CHARS
     from lalp_resources.warehouse import query
 
     order = {f.source_sha256: i for i, f in enumerate(files)}
     with wh.connect(read_only=True) as con:
         rows = query(
             con,
-            "SELECT * EXCLUDE (read_run_id) FROM source_traces WHERE source_sha256 IN (SELECT unnest(?)) "
-            "AND teacher IN (SELECT unnest(?)) "
+            "SELECT source_sha256, source_row, read_run_id, response_id, prompt_id, teacher, is_correct, source_uri, format, "
+            "md5(response) AS response_key, left(response, ?) AS response, length(trim(coalesce(response, ''), ?)) AS response_chars "
+            "FROM source_traces WHERE source_sha256 IN (SELECT unnest(?)) AND teacher IN (SELECT unnest(?)) "
             "QUALIFY row_number() OVER (PARTITION BY source_sha256, source_row ORDER BY read_run_id) = 1",
-            [list(order), list(teachers)],
+            [EXCERPT_CHARS, WHITESPACE, list(order), list(teachers)],
         )
-    if rows.height == 0:
-        return rows, adapters.dedupe(rows)[1]
-    rows = rows.with_columns(pl.col("source_sha256").replace_strict(order, return_dtype=pl.Int64).alias("_order")).sort(
-        "_order", "source_row").drop("_order")
-    return adapters.dedupe(rows)
+    if rows.height:
+        rows = rows.with_columns(pl.col("source_sha256").replace_strict(order, return_dtype=pl.Int64).alias("_order")).sort(
+            "_order", "source_row").drop("_order")
+    kept, dups = adapters.dedupe(rows, response_key="response_key")
+    return kept.drop("response", "response_key"), dups

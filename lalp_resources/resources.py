@@ -132,7 +132,7 @@ class PipelineSettingsResource(dg.ConfigurableResource):
     shards: int
     commit_every_s: float
     progress_every_s: float
-    steps_batch_prompts: int   # LALP_STEPS_BATCH_PROMPTS
+    batch_prompts: int   # LALP_BATCH_PROMPTS
 
 
 class TraceSourcesResource(dg.ConfigurableResource):

@@ -150,9 +150,10 @@ class Settings:
         "LALP_COMMIT_EVERY_S", "`step_scores` commits its scored chunks at most this often (seconds): a kill "
         "loses at most this much work besides the chunk in flight, and a DuckDB file is handed to other processes "
         "at least every 2.5 intervals; `0` commits every chunk and hands the file back after each"))
-    steps_batch_prompts: int = field(default=2048, metadata=_meta(
-        "LALP_STEPS_BATCH_PROMPTS", "`reasoning_steps` screens and segments this many prompts at a time (their token "
-        "starts are what it holds in memory; `0`: all at once); the steps are the same whatever the batch"))
+    batch_prompts: int = field(default=2048, metadata=_meta(
+        "LALP_BATCH_PROMPTS", "`reasoning_steps` and `step_scores` read, process and commit their scope this many "
+        "prompts at a time, so their memory depends on the batch and not on the rows (`0`: all at once); the steps "
+        "and scores are the same whatever the batch"))
     progress_every_s: float = field(default=10.0, metadata=_meta(
         "LALP_PROGRESS_EVERY_S", "long stages log their progress (done of total, rate, time left) at most this often (seconds)"))
     shards: int = field(default=1, metadata=_meta(
@@ -182,8 +183,8 @@ class Settings:
             raise ValueError(f"LALP_SHARDS={self.shards}: expected 1 or more")
         if not self.commit_every_s >= 0:
             raise ValueError(f"LALP_COMMIT_EVERY_S={self.commit_every_s}: expected 0 or more seconds")
-        if self.steps_batch_prompts < 0:
-            raise ValueError(f"LALP_STEPS_BATCH_PROMPTS={self.steps_batch_prompts}: expected 0 (all at once) or more prompts")
+        if self.batch_prompts < 0:
+            raise ValueError(f"LALP_BATCH_PROMPTS={self.batch_prompts}: expected 0 (all at once) or more prompts")
         if not self.progress_every_s >= 0:
             raise ValueError(f"LALP_PROGRESS_EVERY_S={self.progress_every_s}: expected 0 or more seconds")
         from lalp_resources.diagnostics import parse_families
@@ -197,6 +198,8 @@ class Settings:
         """Settings from `LALP_*` variables (unset or empty means the default), then `overrides`
         (for example the `lalp` command's flags)."""
         env = os.environ if environ is None else environ
+        if env.get("LALP_STEPS_BATCH_PROMPTS"):  # one release's name: say so rather than ignore it
+            raise ValueError("LALP_STEPS_BATCH_PROMPTS is now LALP_BATCH_PROMPTS (it bounds step_scores too)")
         values = {}
         for f in dataclasses.fields(cls):
             raw = env.get(f.metadata["env"])

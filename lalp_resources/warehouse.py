@@ -795,6 +795,30 @@ def insert(con, table: str, df: pl.DataFrame, mode: str = "insert") -> int:
     return df.height
 
 
+def insert_from(con, table: str, keys: pl.DataFrame, select_sql: str, params: Sequence = ()) -> int:
+    """Insert rows made inside the warehouse: `select_sql` (its columns by name) reads `keys`,
+    registered as `_lalp_frame`, which names the rows and carries the table's key columns. For
+    rows whose wide columns (the texts) should not pass through this process. Checks keys as
+    `insert` does on DuckLake; runs in its own transaction unless one is already open."""
+    if keys.height == 0:
+        return 0
+    table_keys = KEYS.get(table, ())
+    lake = is_lake(con)
+
+    def body() -> None:
+        if lake and table_keys:
+            _fence(con, table)
+            _check_new_keys(con, table, table_keys)
+        con.execute(f"INSERT INTO {table} BY NAME {select_sql}", list(params))
+
+    con.register("_lalp_frame", keys.to_arrow())
+    try:
+        run_transaction(con, body)
+    finally:
+        con.unregister("_lalp_frame")
+    return keys.height
+
+
 def _check_new_keys(con, table: str, keys: Sequence[str]) -> None:
     """DuckLake has no PRIMARY KEY: reject what the DuckDB file's key would reject."""
     kl = ", ".join(keys)
@@ -868,3 +892,53 @@ FROM curated_sft_dataset c
 JOIN raw_teacher_traces r USING (response_id)
 LEFT JOIN response_scores s USING (response_id)
 """
+
+
+class WarehouseSession:
+    """One warehouse connection for the scoring loop's many short uses (the engine's cache lookup
+    and the commit of each chunk). Opening a DuckDB file, checking its schema and closing it
+    (which checkpoints) cost more than a chunk's commit, and that cost grows with the file, so
+    while chunks come quickly the connection is kept. It is handed back after a use that followed
+    a long idle gap (a slow model: nothing to save) and at least every `hold_s` seconds, so other
+    processes get the file (a DuckDB file has one writer). Also the engine's score cache: one
+    process cannot hold a read-only and a writable connection to the same file."""
+
+    def __init__(self, wh, hold_s: float = 5.0, idle_s: float = 1.0):
+        self.wh, self.hold_s, self.idle_s = wh, hold_s, idle_s
+        self.pending: dict[str, tuple] = {}  # scored, not yet committed: the cache sees them
+        self._cm = self._con = None
+        self._opened = 0.0
+        self._last_end: float | None = None
+
+    @contextlib.contextmanager
+    def use(self):
+        start = time.monotonic()
+        idle = start - self._last_end if self._last_end is not None else float("inf")
+        if self._con is None:
+            self._cm = self.wh.connect()
+            self._con = self._cm.__enter__()
+            self._opened = start
+        try:
+            yield self._con
+        except BaseException as e:
+            cm, self._cm, self._con = self._cm, None, None
+            if cm is not None:  # the warehouse sees the error: a full disk or a damaged file is explained
+                cm.__exit__(type(e), e, e.__traceback__)
+            raise
+        self._last_end = end = time.monotonic()
+        if idle > self.idle_s or end - self._opened > self.hold_s:
+            self.close()
+
+    def close(self) -> None:
+        cm, self._cm, self._con = self._cm, None, None
+        if cm is not None:
+            cm.__exit__(None, None, None)
+
+    def lookup(self, keys: list[str]) -> dict[str, tuple]:
+        if not keys:
+            return {}
+        with self.use() as con:
+            found = lookup_scores(con, keys)
+        if self.pending:
+            found.update((k, self.pending[k]) for k in keys if k in self.pending)
+        return found

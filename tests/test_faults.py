@@ -163,8 +163,8 @@ def test_sigterm_mid_scoring_commits_what_is_done_and_fails_the_run(tmp_path, st
     def read() -> None:
         for line in proc.stdout:
             lines.append(line)
-            m = re.search(r"scored (\d+)/(\d+) windows", line)
-            # past half of the windows: several whole prompt groups are scored (and pending), not all
+            m = re.search(r"scored (\d+)/(\d+) responses", line)
+            # past half of the responses: several whole prompt groups are scored (and pending), not all
             if m and 2 * int(m[1]) >= int(m[2]) > int(m[1]):
                 progressed.set()
 

@@ -1,4 +1,4 @@
-"""The steps stage in batches of prompts (`pipeline.screen_and_segment`, LALP_STEPS_BATCH_PROMPTS)
+"""The steps stage in batches of prompts (`pipeline.screen_and_segment`, LALP_BATCH_PROMPTS)
 gives exactly what screening and segmenting everything in one call gives: the same steps in the
 same order, the same kept traces and the same quarantine rows, with each response tokenized once
 for both the token cap and the step merge.
@@ -78,5 +78,5 @@ def test_no_cap_and_empty_input(smol_tokenizer):
 def test_a_negative_batch_is_refused():
     from lalp_resources.settings import Settings
 
-    with pytest.raises(ValueError, match="LALP_STEPS_BATCH_PROMPTS"):
-        Settings(steps_batch_prompts=-1)
+    with pytest.raises(ValueError, match="LALP_BATCH_PROMPTS"):
+        Settings(batch_prompts=-1)

@@ -184,7 +184,13 @@ def ingest(sources: list[str | Path] | str | Path, fmt: str = "auto", *, teacher
 
 def discover_teachers(sources: list[str | Path] | str | Path, fmt: str = "auto", *, teacher_mode: str,
                       limits: Limits, champ_settings: tuple[str, ...] | None = None) -> list[str]:
-    """Sorted distinct teachers with at least one accepted trace (answers are not verified)."""
-    result = ingest(sources, fmt, teacher_mode=teacher_mode, limits=limits, champ_settings=champ_settings,
-                    verify=False)
-    return sorted(result.traces.get_column("teacher").unique().to_list())
+    """Sorted distinct teachers with at least one accepted trace (answers are not verified).
+
+    One source file at a time, so memory is one file's, not every file's: deduplicating never
+    takes a teacher away (the first copy of a row stays accepted), so it is not needed here."""
+    _check_options(fmt, teacher_mode, limits)
+    teachers: set[str] = set()
+    for item in expand_sources(sources):
+        part = read_one(item, fmt, teacher_mode=teacher_mode, limits=limits, champ_settings=champ_settings)
+        teachers.update(part.traces.get_column("teacher").unique().to_list())
+    return sorted(teachers)

@@ -7,16 +7,20 @@ import polars as pl
 from lalp_resources.adapters.common import EXCERPT_CHARS, QUARANTINE_COLUMNS, QUARANTINE_SCHEMA, frame
 
 
-def dedupe(traces: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+def dedupe(traces: pl.DataFrame, response_key: str = "response") -> tuple[pl.DataFrame, pl.DataFrame]:
     """Split ``traces`` into (kept, quarantined) by row order (the first occurrence wins).
 
     * ``duplicate``: the same (prompt_id, teacher, response) appeared earlier.
     * ``conflicting_duplicate``: the same (prompt_id, teacher) appeared earlier with a
       different response; the detail names the kept row's source and row.
+
+    ``response_key``: the column that stands for the response when comparing rows (the warehouse
+    path passes a digest of each response, and only its first ``EXCERPT_CHARS`` characters as
+    ``response``, which is all the excerpt shows: the texts stay in the warehouse).
     """
     if traces.height == 0:
         return traces, frame([], QUARANTINE_SCHEMA)
-    pair, triple = ["prompt_id", "teacher"], ["prompt_id", "teacher", "response"]
+    pair, triple = ["prompt_id", "teacher"], ["prompt_id", "teacher", response_key]
     df = traces.with_row_index("_i").with_columns(
         pl.col("_i").min().over(triple).alias("_first_triple"),
         pl.col("_i").min().over(pair).alias("_first_pair"),

@@ -189,6 +189,30 @@ class ScoringEngine:
     ) -> Iterator[ScoredChunk]:
         """Score items; yields one complete `ScoredChunk` per group of prompts."""
         t0 = self._t0 = time.perf_counter()
+        by_prompt, groups = self._groups(items)
+        total = sum(len(it.spans) + (1 if self.galp else 0) for it in items)
+        done = 0
+        for prompts in groups:
+            idxs = [i for p in prompts for i in by_prompt[p]]
+            n_group = sum(len(items[i].spans) + (1 if self.galp else 0) for i in idxs)
+            if progress:  # within a group, report by the share of its token-forwards done
+                self._on_batch = lambda frac, d=done, n=n_group: progress(d + int(n * frac), total, self.stats)
+            chunk = self._score_group(prompts, [items[i] for i in idxs])
+            self._on_batch = None
+            done += n_group
+            self.stats.seconds = time.perf_counter() - t0
+            if progress:
+                progress(done, total, self.stats)
+            yield chunk
+
+    def groups(self, items: Sequence[ScoreItem]) -> list[list[str]]:
+        """The prompt texts `score` takes together, group by group. Grouping is greedy in item
+        order, so it is the same from any group's first prompt on: a caller that feeds items in
+        batches and holds back each batch's last group (joining it to the next batch) gets the
+        groups, and so the forwards and scores, of one call over everything."""
+        return self._groups(items)[1]
+
+    def _groups(self, items: Sequence[ScoreItem]) -> tuple[dict[str, list[int]], list[list[str]]]:
         by_prompt: dict[str, list[int]] = defaultdict(list)
         for idx, it in enumerate(items):
             if not it.spans:
@@ -205,20 +229,7 @@ class ScoringEngine:
                 cur, est_tokens = [], 0.0
         if cur:
             groups.append(cur)
-        total = sum(len(it.spans) + (1 if self.galp else 0) for it in items)
-        done = 0
-        for prompts in groups:
-            idxs = [i for p in prompts for i in by_prompt[p]]
-            n_group = sum(len(items[i].spans) + (1 if self.galp else 0) for i in idxs)
-            if progress:  # within a group, report by the share of its token-forwards done
-                self._on_batch = lambda frac, d=done, n=n_group: progress(d + int(n * frac), total, self.stats)
-            chunk = self._score_group(prompts, [items[i] for i in idxs])
-            self._on_batch = None
-            done += n_group
-            self.stats.seconds = time.perf_counter() - t0
-            if progress:
-                progress(done, total, self.stats)
-            yield chunk
+        return by_prompt, groups
 
     def score_all(self, items: Sequence[ScoreItem], progress=None) -> ScoredChunk:
         steps, responses, rows = [], [], []
