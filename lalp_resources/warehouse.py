@@ -787,12 +787,17 @@ def insert(con, table: str, df: pl.DataFrame, mode: str = "insert") -> int:
                 _check_new_keys(con, table, keys)
             con.execute(f"INSERT INTO {table} ({col_list}) SELECT {col_list} FROM _lalp_frame")
 
+    _with_frame(con, frame, body)
+    return df.height
+
+
+def _with_frame(con, frame: pl.DataFrame, body: Callable[[], None]) -> None:
+    """Run `body` in a transaction with `frame` registered as `_lalp_frame` (what the insert SQL reads)."""
     con.register("_lalp_frame", frame.to_arrow())
     try:
         run_transaction(con, body)
     finally:
         con.unregister("_lalp_frame")
-    return df.height
 
 
 def insert_from(con, table: str, keys: pl.DataFrame, select_sql: str, params: Sequence = ()) -> int:
@@ -811,11 +816,7 @@ def insert_from(con, table: str, keys: pl.DataFrame, select_sql: str, params: Se
             _check_new_keys(con, table, table_keys)
         con.execute(f"INSERT INTO {table} BY NAME {select_sql}", list(params))
 
-    con.register("_lalp_frame", keys.to_arrow())
-    try:
-        run_transaction(con, body)
-    finally:
-        con.unregister("_lalp_frame")
+    _with_frame(con, keys, body)
     return keys.height
 
 
