@@ -282,7 +282,10 @@ def test_cluster_on_one_machine_equals_the_embedded_run(pg, s3, student_dir, tmp
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     env = {k: v for k, v in os.environ.items() if not k.startswith("LALP_")}
+    # LALP_COMMIT_EVERY_S=0: every engine group commits on its own, so the kill lands between
+    # commits of a shard (with the 2 s default a fast shard's rows could all land in one commit)
     env.update(pg_env, DAGSTER_HOME=str(home), TOKENIZERS_PARALLELISM="false", LALP_SHARDS=str(SHARDS),
+               LALP_COMMIT_EVERY_S="0",
                LALP_WAREHOUSE=f"ducklake:postgres:{lake_dsn}", LALP_LAKE_DATA_PATH="s3://lalp-lake/lake/",
                **common_settings(root, traces, student_dir))
     lake = Warehouse(env["LALP_WAREHOUSE"], data_path=env["LALP_LAKE_DATA_PATH"])
