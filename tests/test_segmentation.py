@@ -58,6 +58,24 @@ def test_rule_segmenters_tile_exactly(text):
         assert all(len(p) > 0 for p in parts)
 
 
+def _cuts_by_definition(text: str, min_breaks: int) -> list[int]:
+    """After every maximal whitespace run (not at the end) with >= min_breaks line breaks, counted
+    as str.splitlines counts them ("\r\n" is one)."""
+    import re
+
+    return [m.end() for m in re.finditer(r"\s+", text)
+            if m.end() < len(text) and len(("x" + m.group() + "x").splitlines()) - 1 >= min_breaks]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_text)
+def test_break_cuts_are_the_runs_with_enough_line_breaks(text):
+    from lalp_resources.method.segmentation import _break_cuts
+
+    for k in (1, 2, 3):
+        assert _break_cuts(text, k) == _cuts_by_definition(text, k), k
+
+
 @settings(max_examples=200, deadline=None)
 @given(_text)
 def test_merge_tiny_leaves_no_tiny_step_unless_single(text):

@@ -38,6 +38,7 @@ import logging
 import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -59,6 +60,23 @@ from lalp_resources.method.windows import WindowSpec
 log = logging.getLogger("lalp.engine")
 
 ATTENTION_PATHS = ("auto", "sparse", "dense")
+# Groups planned together (one tokenizer batch, one cache lookup): bounded in groups and responses
+BLOCK_GROUPS, BLOCK_ITEMS = 16, 512
+
+
+@dataclass
+class GroupPlan:
+    """One group of prompts, planned: its windows' tokens (`toks` by text id, shared by the block)
+    and tasks, and the cache's hits among them."""
+
+    prompts: list[str]
+    items: list[ScoreItem]
+    prompt_index: dict[str, int]
+    prefixes: list[list[int]]
+    plans: list
+    toks: list
+    tasks: list[Task]
+    hits: dict = field(default_factory=dict)
 
 
 def pin_threads() -> int:
@@ -192,18 +210,34 @@ class ScoringEngine:
         by_prompt, groups = self._groups(items)
         total = sum(len(it.spans) + (1 if self.galp else 0) for it in items)
         done = 0
+        for block in self._blocks(groups, by_prompt):
+            self._fresh = {}  # windows scored by this block's groups so far
+            # the block's groups are planned together: their responses tokenized in one batch
+            # and their windows looked up in the cache at once (per-call costs paid per block)
+            planned = self._plan_block([(prompts, [items[i] for p in prompts for i in by_prompt[p]]) for prompts in block])
+            for plan in planned:
+                n_group = sum(len(it.spans) + (1 if self.galp else 0) for it in plan.items)
+                if progress:  # within a group, report by the share of its token-forwards done
+                    self._on_batch = lambda frac, d=done, n=n_group: progress(d + int(n * frac), total, self.stats)
+                chunk = self._finish_group(plan)
+                self._on_batch = None
+                done += n_group
+                self.stats.seconds = time.perf_counter() - t0
+                if progress:
+                    progress(done, total, self.stats)
+                yield chunk
+
+    def _blocks(self, groups: list[list[str]], by_prompt: dict[str, list[int]]) -> Iterator[list[list[str]]]:
+        """Consecutive groups planned together: up to BLOCK_GROUPS groups and BLOCK_ITEMS items."""
+        block, n = [], 0
         for prompts in groups:
-            idxs = [i for p in prompts for i in by_prompt[p]]
-            n_group = sum(len(items[i].spans) + (1 if self.galp else 0) for i in idxs)
-            if progress:  # within a group, report by the share of its token-forwards done
-                self._on_batch = lambda frac, d=done, n=n_group: progress(d + int(n * frac), total, self.stats)
-            chunk = self._score_group(prompts, [items[i] for i in idxs])
-            self._on_batch = None
-            done += n_group
-            self.stats.seconds = time.perf_counter() - t0
-            if progress:
-                progress(done, total, self.stats)
-            yield chunk
+            block.append(prompts)
+            n += sum(len(by_prompt[p]) for p in prompts)
+            if len(block) >= BLOCK_GROUPS or n >= BLOCK_ITEMS:
+                yield block
+                block, n = [], 0
+        if block:
+            yield block
 
     def groups(self, items: Sequence[ScoreItem]) -> list[list[str]]:
         """The prompt texts `score` takes together, group by group. Grouping is greedy in item
@@ -267,16 +301,39 @@ class ScoringEngine:
     def _build_units(self, items, plans, toks, tasks, todo, prompt_index) -> list[Unit]:
         return build_units(self.tokenizer, items, plans, toks, todo, prompt_index)
 
-    def _score_group(self, prompts: list[str], items: list[ScoreItem]) -> ScoredChunk:
+    def _plan_block(self, groups: list[tuple[list[str], list[ScoreItem]]]) -> list[GroupPlan]:
+        """Windows, their tokens and cache keys for each (prompts, items) group, and the cache's
+        answer for all of them in one lookup."""
+        h0 = time.perf_counter()
+        every = [it for _, its in groups for it in its]
+        plans, texts, _ = window_plans(every, self.window, self.galp)
+        toks, alone = window_tokens(self.tokenizer, every, plans, texts)
+        self.stats.windows_tokenized_alone += alone
+        out, at = [], 0
+        for prompts, its in groups:
+            prompt_index = {p: k for k, p in enumerate(prompts)}
+            prefixes = [prefix_ids(self.tokenizer, p, self.template) for p in prompts]
+            g_plans = plans[at:at + len(its)]
+            at += len(its)
+            tasks = self._make_tasks(its, g_plans, toks, prefixes, prompt_index)
+            out.append(GroupPlan(prompts, its, prompt_index, prefixes, g_plans, toks, tasks))
+        if self.cache is not None:
+            hits = self.cache.lookup([t.key for plan in out for t in plan.tasks])
+            for plan in out:
+                plan.hits = {t.key: hits[t.key] for t in plan.tasks if t.key in hits}
+        self.stats.host_seconds += time.perf_counter() - h0
+        return out
+
+    def _finish_group(self, plan: GroupPlan) -> ScoredChunk:
+        """A planned group's missing windows through the model, and its chunk. A window scored by an
+        earlier group of the same block (looked up before that group ran) is taken from it, as a
+        lookup after that group's commit would have found it."""
         h0 = time.perf_counter()
         model_s0 = self._model_seconds = 0.0
-        prompt_index = {p: k for k, p in enumerate(prompts)}
-        prefixes = [prefix_ids(self.tokenizer, p, self.template) for p in prompts]
-        plans, texts, _ = window_plans(items, self.window, self.galp)
-        toks, alone = window_tokens(self.tokenizer, items, plans, texts)
-        self.stats.windows_tokenized_alone += alone
-        tasks = self._make_tasks(items, plans, toks, prefixes, prompt_index)
-        hits = self.cache.lookup([t.key for t in tasks]) if self.cache is not None else {}
+        items, plans, toks, tasks, prompt_index, prefixes = plan.items, plan.plans, plan.toks, plan.tasks, plan.prompt_index, plan.prefixes
+        hits = plan.hits
+        if self.cache is not None and self._fresh:
+            hits = hits | {t.key: self._fresh[t.key] for t in tasks if t.key in self._fresh and t.key not in hits}
         self.stats.windows_total += len(tasks)
         todo = [k for k, t in enumerate(tasks) if t.key not in hits]
         self.stats.windows_cached += len(tasks) - len(todo)
@@ -294,6 +351,8 @@ class ScoringEngine:
                     t.head1 = float(head1[k])
                     t.head2 = float(head2[k]) if counts[k] >= 2 else None
         out = self._assemble(items, tasks, todo, hits)
+        if self.cache is not None:
+            self._fresh.update((k, (s, c, h1, h2)) for k, s, c, h1, h2 in out.new_cache_rows)
         self.stats.host_seconds += time.perf_counter() - h0 - (self._model_seconds - model_s0)
         return out
 

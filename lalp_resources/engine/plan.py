@@ -25,12 +25,13 @@ Packing:
 from __future__ import annotations
 
 import re
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from lalp_resources.method.tokenization import encode_arrays, scored_range, tokenize_many
+from lalp_resources.method.tokenization import encode_arrays, encode_lists, scored_range, tokenize_many
 
 GALP_STEP = -1
 
@@ -150,7 +151,9 @@ def window_tokens(tokenizer, items, plans, texts) -> tuple[list[tuple[np.ndarray
         if galp_tid is not None and where[galp_tid] is None:
             where[galp_tid] = (n, 0, len(items[n].text))
     full = encode_arrays(tokenizer, [it.text for it in items])
-    words: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    # the joins compare a few tokens at a time: Python lists and bisect beat numpy calls there
+    full_lists: dict[int, tuple[list, list, list]] = {}
+    words: dict[int, tuple[list, list]] = {}
     toks: list = [None] * len(texts)
     alone: list[int] = []
     jobs = []
@@ -162,51 +165,52 @@ def window_tokens(tokenizer, items, plans, texts) -> tuple[list[tuple[np.ndarray
             continue
         if n not in words:
             ms = list(_WORD.finditer(text))
-            words[n] = (np.fromiter((m.end() for m in ms), np.int64, len(ms)),
-                        np.fromiter((m.start() for m in ms), np.int64, len(ms)))
+            words[n] = ([m.end() for m in ms], [m.start() for m in ms])
         w, run = words[n]
-        k0, k1 = np.searchsorted(w, a, "right"), np.searchsorted(w, b, "left")
+        k0, k1 = bisect_right(w, a), bisect_left(w, b)
         if k1 - k0 < SPLICE_MIN_WORDS:
             alone.append(tid)
             continue
-        head = pieces.setdefault((n, a, int(w[k0 + 2])), len(pieces))
-        tail = pieces.setdefault((n, int(w[k1 - 3]), b), len(pieces))
+        head = pieces.setdefault((n, a, w[k0 + 2]), len(pieces))
+        tail = pieces.setdefault((n, w[k1 - 3], b), len(pieces))
         # head: join at or after the run before word 2, checked up to the run before word 3;
         # tail: join at or after the run before the second-to-last word, checked up to the last's
-        jobs.append((tid, n, a, head, int(run[k0 + 1]), int(run[k0 + 2]), tail, int(run[k1 - 2]), int(run[k1 - 1])))
+        jobs.append((tid, n, a, head, run[k0 + 1], run[k0 + 2], tail, run[k1 - 2], run[k1 - 1]))
     keys = list(pieces)
-    enc = encode_arrays(tokenizer, [items[n].text[x:y] for n, x, y in keys])
-    piece = [(ids, st + x, en + x) for (n, x, _), (ids, st, en) in zip(keys, enc)]
+    # the pieces' starts and ends in the response's characters
+    piece = encode_lists(tokenizer, [items[n].text[x:y] for n, x, y in keys], [x for _, x, _ in keys])
     for tid, n, a, head, h0, h1, tail, t0, t1 in jobs:
-        fid, fst, fen = full[n]
+        fid, fst, _ = full[n]
+        if n not in full_lists:
+            full_lists[n] = tuple(x.tolist() for x in full[n])
+        fl = full_lists[n]
         hid, hst, hen = piece[head]
         tid_, tst, ten = piece[tail]
-        x = _join(hid, hst, hen, fid, fst, fen, h0, h1)
-        y = _join(tid_, tst, ten, fid, fst, fen, t0, t1)
+        x = _join(hid, hst, hen, *fl, h0, h1)
+        y = _join(tid_, tst, ten, *fl, t0, t1)
         if x is None or y is None or not x[1] < y[1]:
             alone.append(tid)
             continue
         (hx, fx), (ty, fy) = x, y
-        toks[tid] = (np.concatenate([hid[:hx], fid[fx:fy], tid_[ty:]]),
-                     np.concatenate([hst[:hx], fst[fx:fy], tst[ty:]]) - a)
+        toks[tid] = (np.concatenate([hid[:hx], fid[fx:fy], tid_[ty:]]).astype(np.int64, copy=False),
+                     np.concatenate([hst[:hx], fst[fx:fy], tst[ty:]]).astype(np.int64, copy=False) - a)
     for tid, (ids, st, _) in zip(alone, encode_arrays(tokenizer, [texts[t] for t in alone])):
         toks[tid] = (ids, st)
     return toks, len(alone)
 
 
-def _join(pid, pst, pen, fid, fst, fen, lo: int, hi: int):
+def _join(pid: list, pst: list, pen: list, fid: list, fst: list, fen: list, lo: int, hi: int):
     """Where a piece's tokens (absolute first characters `pst`) can be joined to the response's:
     the first piece token starting at or after `lo` that starts a response token too, such that
     both tokenizations have the same tokens from there up to `hi` (at least one). Returns (piece
     index, response index) of that token, or None."""
-    p = int(np.searchsorted(pst, lo, "left"))
-    q_end = int(np.searchsorted(pst, hi, "left"))
+    p, q_end = bisect_left(pst, lo), bisect_left(pst, hi)
     while p < q_end:
-        f = int(np.searchsorted(fst, pst[p], "left"))
+        f = bisect_left(fst, pst[p])
         if f < len(fst) and fst[f] == pst[p]:
             m = q_end - p
-            if (f + m <= len(fst) and np.array_equal(pid[p:q_end], fid[f:f + m]) and np.array_equal(pst[p:q_end], fst[f:f + m])
-                    and np.array_equal(pen[p:q_end], fen[f:f + m])):
+            if f + m <= len(fst) and pid[p:q_end] == fid[f:f + m] and pst[p:q_end] == fst[f:f + m] \
+                    and pen[p:q_end] == fen[f:f + m]:
                 return p, f
             return None
         p += 1

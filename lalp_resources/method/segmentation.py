@@ -72,9 +72,13 @@ class _SegmenterLike(Protocol):
 # Shared helpers
 # --------------------------------------------------------------------------------------------
 
-_WS_RUN_RE = re.compile(r"\s+")
 # Line boundaries of str.splitlines; "\r\n" is one break.
-_LINE_BREAK_RE = re.compile(r"\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+_LINE_BREAK_CHARS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+_LINE_BREAK_RE = re.compile(rf"\r\n|[{_LINE_BREAK_CHARS}]")
+# A maximal whitespace run that holds a line break: it starts where no whitespace precedes, then
+# whitespace that breaks no line, a break, and the rest of the run. Possessive, so a long run
+# without a break is rejected in one pass (linear, whatever the input).
+_BREAK_RUN_RE = re.compile(rf"(?<!\s)[^\S{_LINE_BREAK_CHARS}]*+[{_LINE_BREAK_CHARS}]\s*+")
 _NONWS_RE = re.compile(r"\S")
 
 
@@ -89,21 +93,11 @@ def _break_cuts(text: str, min_breaks: int) -> list[int]:
     """Positions right after each maximal whitespace run holding >= ``min_breaks`` line breaks."""
     n = len(text)
     cuts = []
-    for m in _WS_RUN_RE.finditer(text):
+    # only the runs that hold a line break reach Python (one match per run, not one per space)
+    for m in _BREAK_RUN_RE.finditer(text):
         end = m.end()
-        if end >= n:
-            continue
-        run = m.group()
-        if min_breaks <= 1:
-            if _LINE_BREAK_RE.search(run):
-                cuts.append(end)
-        else:
-            count = 0
-            for _ in _LINE_BREAK_RE.finditer(run):
-                count += 1
-                if count >= min_breaks:
-                    cuts.append(end)
-                    break
+        if end < n and (min_breaks <= 1 or len(_LINE_BREAK_RE.findall(m.group())) >= min_breaks):
+            cuts.append(end)
     return cuts
 
 
