@@ -9,6 +9,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
+from lalp_assets import unchanged
 from lalp_assets.metadata import check_result, table_metadata
 from lalp_assets.versions import curated_version, ensure_version
 from lalp_resources import expectations as gx_suites
@@ -23,6 +24,24 @@ from lalp_resources.diagnostics import shorten
 from lalp_resources.warehouse import insert, query, run_transaction
 
 EXPORT_FIELDS = ["prompt_id", "teacher", "response_id", "lalp", "galp", "source_uri", "source_sha256"]
+
+
+CURATED_INPUTS = (*unchanged.SCORED, unchanged.Stamp("teacher_rankings"), unchanged.Stamp("quarantine"))
+CURATED_OUTPUTS = (unchanged.Stamp("curated_sft_dataset"), unchanged.Stamp("selection_decisions"))
+EXPORTS = ("jsonl", "parquet", "hf_dataset", "report")
+
+
+def _exports_in_place(metadata: dict, exports: str) -> bool:
+    """The exports an earlier materialization recorded are under today's LALP_EXPORTS and still there."""
+    for key in EXPORTS:
+        path = unchanged._text(metadata, key)
+        if not path or not path.startswith(str(exports).rstrip("/")):
+            return False
+        if objectstore.is_remote(path) and objectstore.stat(path) is None and not objectstore.list_folder(path):
+            return False
+        if not objectstore.is_remote(path) and not Path(path).exists():
+            return False
+    return True
 
 
 def export_curated(curated: pl.DataFrame, out_dir: Path) -> dict[str, str]:
@@ -87,8 +106,25 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
     )
     def curated_sft_dataset(context: dg.AssetExecutionContext, warehouse: WarehouseResource, settings: PipelineSettingsResource,
                             student: StudentModelResource):
-        ensure_version(context, curated_version(settings))
+        version = curated_version(settings)
+        ensure_version(context, version)
         wh = warehouse.get()
+        with wh.connect(read_only=True) as con:
+            inputs = unchanged.fingerprint(con, CURATED_INPUTS)
+            before = unchanged.fingerprint(con, CURATED_OUTPUTS)
+            previous = unchanged.unchanged_since(context, version, inputs, before)
+            if previous is not None and _exports_in_place(previous, settings.exports):
+                # the check runs again on the stored set
+                stored = query(con, "SELECT prompt_id, response_id FROM curated_sft_dataset")
+                raw_ids = query(con, "SELECT response_id FROM raw_teacher_traces")["response_id"]
+            else:
+                previous = None
+        if previous is not None:
+            context.log.info("passed over: no score, ranking, trace or quarantine row changed since this set was "
+                             "curated, and its exports are in place")
+            yield dg.MaterializeResult(metadata=unchanged.passed_over(previous, inputs, before))
+            yield check_result("one_row_per_prompt_traceable", gx_suites.curated_suite(stored, raw_ids))
+            return
         # A response whose text holds a control-token string never enters the SFT set unless the
         # user chose LALP_CONTROL_TOKENS=keep: the steps stage quarantines them, and a score left by
         # an earlier release (or an edited table) is blocked here, with its reason recorded.
@@ -156,9 +192,10 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
 
         with wh.connect() as con:
             run_transaction(con, lambda: replace(con))
+            after = unchanged.fingerprint(con, CURATED_OUTPUTS)
         context.log.info(f"curated {curated.height} of {n_prompts} prompts; teacher mix:\n{markdown_table(mix)}\nwrote {paths}")
         yield dg.MaterializeResult(
-            metadata=table_metadata(
+            metadata=unchanged.stamped(table_metadata(
                 curated.drop("prompt", "response", "messages"), "curated_sft_dataset",
                 teacher_mix=dg.MetadataValue.md(markdown_table(mix)),
                 prompts_considered=n_prompts, prompts_without_eligible=n_prompts - curated.height,
@@ -169,7 +206,7 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
                     pl.col("text").map_elements(shorten, return_dtype=pl.Utf8))) if weakest.height else "_(none)_"),
                 jsonl=dg.MetadataValue.path(paths["jsonl"]), parquet=dg.MetadataValue.path(paths["parquet"]),
                 hf_dataset=dg.MetadataValue.path(paths["hf_dataset"]), report=dg.MetadataValue.path(report),
-            )
+            ), inputs, after)
         )
         yield check_result("one_row_per_prompt_traceable", gx_suites.curated_suite(curated, raw_ids))
 

@@ -13,7 +13,7 @@ import dagster as dg
 import polars as pl
 
 from lalp_assets.metadata import check_result, table_metadata
-from lalp_assets.partitions import Scope, scope_of
+from lalp_assets.partitions import Scope, scope_of, settled_partitions
 from lalp_assets.versions import ensure_version, ingest_version
 from lalp_resources import adapters
 from lalp_resources import expectations as gx_suites
@@ -57,7 +57,7 @@ def build(trace_sources: TraceSourcesResource, partitions_def, backfill) -> dg.A
         fresh = [f for f in files if f.new]
         context.log.info(f"{len(files)} source file(s): {len(fresh)} read now, {len(files) - len(fresh)} unchanged since an earlier read")
         traces, dups = assemble_traces(wh, files, scope.teachers)
-        yield from _write(context, wh, scope, files, traces, dups)
+        yield from _write(context, wh, scope, files, traces, dups, ingest_version(trace_sources))
 
     return raw_teacher_traces
 
@@ -66,7 +66,27 @@ def build(trace_sources: TraceSourcesResource, partitions_def, backfill) -> dg.A
 SOURCE_ROW = ("source_sha256", "source_row", "read_run_id")
 
 
-def _write(context, wh, scope: Scope, files, traces: pl.DataFrame, dups: pl.DataFrame):
+def _same_rows(con, teachers: list[str], traces: pl.DataFrame, dups: pl.DataFrame) -> bool:
+    """Whether the warehouse holds exactly these accepted rows (file, row, response id) and these
+    duplicates for `teachers`: a rerun on unchanged files then rewrites nothing, and the rows keep
+    the ingest run that wrote them (so later stages see nothing new)."""
+    for table, frame, cols, where in (
+        ("raw_teacher_traces", traces, ("source_sha256", "source_row", "response_id"), ""),
+        ("quarantine", dups, ("source_sha256", "source_row"), "AND t.stage = 'assemble'"),
+    ):
+        con.register("_lalp_same", frame.select(*cols, pl.lit(True).alias("_found")).to_arrow())
+        try:
+            n_old, n_same = con.execute(
+                f"SELECT count(*), count(k._found) FROM {table} t LEFT JOIN _lalp_same k USING ({', '.join(cols)}) "
+                f"WHERE t.teacher IN (SELECT unnest(?)) {where}", [teachers]).fetchone()
+        finally:
+            con.unregister("_lalp_same")
+        if not (n_old == n_same == frame.height):
+            return False
+    return True
+
+
+def _write(context, wh, scope: Scope, files, traces: pl.DataFrame, dups: pl.DataFrame, version: str):
     run_id, now = context.run.run_id, utcnow()
     present = set(traces["teacher"].unique().to_list())
     kept = [t for t in scope.teachers if t not in present]
@@ -84,15 +104,23 @@ def _write(context, wh, scope: Scope, files, traces: pl.DataFrame, dups: pl.Data
     for reason, n in dups.group_by("reason").len().iter_rows():
         by_reason[f"{reason} (across files)"] = n
     mine = traces
+    with wh.connect(read_only=True) as con:
+        # the partitions last written by this code version, holding exactly these rows
+        same = set(replaced) <= settled_partitions(context, version) and _same_rows(con, replaced, traces, dups)
+    if same:
+        context.log.info(f"the rows of {replaced} are those already in the warehouse (same files, rows and "
+                         "duplicates): kept as they are, with their ingest run")
+
     def replace(con):
-        con.execute("DELETE FROM raw_teacher_traces WHERE teacher IN (SELECT unnest(?))", [replaced])
-        # the rows are copied inside the warehouse: the texts never pass through this process
-        insert_from(con, "raw_teacher_traces", traces.select(*SOURCE_ROW, "response_id"),
-                    "SELECT s.* EXCLUDE (read_run_id), ? AS ingest_run_id, ? AS ingested_at FROM source_traces s "
-                    f"JOIN _lalp_frame f USING ({', '.join(SOURCE_ROW)})", [run_id, now])
-        con.execute("DELETE FROM quarantine WHERE stage = 'assemble' AND teacher IN (SELECT unnest(?))", [replaced])
-        insert(con, "quarantine", dups.with_columns(
-            pl.lit("assemble").alias("stage"), pl.lit(run_id).alias("ingest_run_id"), pl.lit(now).alias("quarantined_at")))
+        if not same:
+            con.execute("DELETE FROM raw_teacher_traces WHERE teacher IN (SELECT unnest(?))", [replaced])
+            # the rows are copied inside the warehouse: the texts never pass through this process
+            insert_from(con, "raw_teacher_traces", traces.select(*SOURCE_ROW, "response_id"),
+                        "SELECT s.* EXCLUDE (read_run_id), ? AS ingest_run_id, ? AS ingested_at FROM source_traces s "
+                        f"JOIN _lalp_frame f USING ({', '.join(SOURCE_ROW)})", [run_id, now])
+            con.execute("DELETE FROM quarantine WHERE stage = 'assemble' AND teacher IN (SELECT unnest(?))", [replaced])
+            insert(con, "quarantine", dups.with_columns(
+                pl.lit("assemble").alias("stage"), pl.lit(run_id).alias("ingest_run_id"), pl.lit(now).alias("quarantined_at")))
         insert(con, "ingest_runs", pl.DataFrame([{
             "ingest_run_id": run_id, "sources": json.dumps([f.item for f in files]),
             "n_read": sum(f.n_read for f in files), "n_accepted": sum(f.n_accepted for f in files),

@@ -5,6 +5,7 @@ interval, GALP beside it)."""
 import dagster as dg
 import polars as pl
 
+from lalp_assets import unchanged
 from lalp_assets.metadata import check_result, table_metadata
 from lalp_assets.versions import ensure_version, rankings_version
 from lalp_resources import diagnostics
@@ -94,8 +95,21 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
         "warning, and (metadata) each teacher's weakest steps.",
     )
     def teacher_rankings(context: dg.AssetExecutionContext, warehouse: WarehouseResource, settings: PipelineSettingsResource):
-        ensure_version(context, rankings_version(settings))
+        version = rankings_version(settings)
+        ensure_version(context, version)
         wh = warehouse.get()
+        with wh.connect(read_only=True) as con:
+            inputs = unchanged.fingerprint(con, unchanged.SCORED)
+            before = unchanged.fingerprint(con, [unchanged.Stamp("teacher_rankings")])
+            previous = unchanged.unchanged_since(context, version, inputs, before)
+            if previous is not None:  # the check runs again on the stored ranking
+                teachers = query(con, "SELECT DISTINCT teacher FROM response_scores ORDER BY teacher")["teacher"].to_list()
+                stored = query(con, "SELECT teacher FROM teacher_rankings")
+        if previous is not None:
+            context.log.info("passed over: no score, step or trace changed since this ranking was computed")
+            yield dg.MaterializeResult(metadata=unchanged.passed_over(previous, inputs, before))
+            yield check_result("every_teacher_ranked", gx_suites.rankings_suite(teachers, stored))
+            return
         with wh.connect(read_only=True) as con:
             resp = query(con, "SELECT teacher, prompt_id, lalp, galp, is_correct, drop1, drop2, casl_m, casl_m_first, "
                               "casl_m_non, casl_f, student FROM response_scores")
@@ -126,8 +140,9 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
             }
         with wh.connect() as con:
             replace_all(con, "teacher_rankings", rk)
+            after = unchanged.fingerprint(con, [unchanged.Stamp("teacher_rankings")])
         yield dg.MaterializeResult(
-            metadata=table_metadata(rk, "teacher_rankings", preview_rows=50, ranking=dg.MetadataValue.md(md),
+            metadata=unchanged.stamped(table_metadata(rk, "teacher_rankings", preview_rows=50, ranking=dg.MetadataValue.md(md),
                                     verdict=dg.MetadataValue.text(verdict), **pictures,
                                     n_conflicting_prompts=conflicts.height,
                                     conflicting_prompts=dg.MetadataValue.md(markdown_table(conflicts.head(100))),
@@ -137,7 +152,7 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
                                         schema={"teacher": pl.Utf8, "why": pl.Utf8}))),
                                     length_corrections_reorder=", ".join(
                                         diagnostics.LABELS[c] for c in diagnostics.order_changes(rk)) or "none",
-                                    casl_fit=dg.MetadataValue.json(fit or {}))
+                                    casl_fit=dg.MetadataValue.json(fit or {})), inputs, after)
         )
         yield check_result("every_teacher_ranked", gx_suites.rankings_suite(sorted(resp["teacher"].unique().to_list()), rk))
 

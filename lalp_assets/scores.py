@@ -13,6 +13,7 @@ import dagster as dg
 import duckdb
 import polars as pl
 
+from lalp_assets import unchanged
 from lalp_assets.metadata import check_result, table_metadata
 from lalp_assets.partitions import Scope, by_teacher, scope_of, settled_partitions
 from lalp_assets.versions import RESPONSES, ensure_version, score_version
@@ -326,6 +327,14 @@ def build_step_scores(student, settings, partitions_def, backfill, k8s_gpu: bool
     return step_scores
 
 
+def response_inputs(teachers) -> list:
+    """What response_scores reads for these teachers, as fingerprint stamps (unchanged.py)."""
+    return [unchanged.by_teacher("step_scores", "response_id, step_index, score_run_id", teachers),
+            unchanged.by_teacher("galp_scores", "response_id, score_run_id", teachers),
+            unchanged.by_teacher("reasoning_steps", "response_id, step_index, steps_run_id", teachers),
+            unchanged.by_teacher("raw_teacher_traces", "response_id, ingest_run_id, is_correct", teachers)]
+
+
 def build_response_scores(shards: int, partitions_def, backfill) -> dg.AssetsDefinition:
     @dg.asset(
         name="response_scores",
@@ -349,6 +358,19 @@ def build_response_scores(shards: int, partitions_def, backfill) -> dg.AssetsDef
         teachers = scope_of(context).teachers
         wh = warehouse.get()
         cfg_cols = ["student", "segmenter", "segmenter_version", "window_spec", "template", "dtype", "score_run_id"]
+        with wh.connect(read_only=True) as con:
+            inputs = unchanged.fingerprint(con, response_inputs(teachers))
+            before = unchanged.fingerprint(con, [unchanged.by_teacher("response_scores", "t", teachers)])
+            previous = unchanged.unchanged_since(context, RESPONSES, inputs, before)
+            if previous is not None:
+                # nothing it reads changed: the table stays, its check runs again on it
+                with_steps = query(con, "SELECT DISTINCT response_id FROM reasoning_steps WHERE teacher IN (SELECT unnest(?))", [teachers])
+                stored = query(con, "SELECT response_id, lalp, galp FROM response_scores WHERE teacher IN (SELECT unnest(?))", [teachers])
+        if previous is not None:
+            context.log.info(f"passed over: no step score, GALP, step or trace of {teachers} changed since this table was written")
+            yield dg.MaterializeResult(metadata=unchanged.passed_over(previous, inputs, before))
+            yield check_result("every_response_scored", gx_suites.response_scores_suite(with_steps, stored))
+            return
         with wh.connect(read_only=True) as con:
             # only the columns LALP needs, and the per-response config aggregated in SQL: not every
             # step row's provenance in memory
@@ -374,12 +396,14 @@ def build_response_scores(shards: int, partitions_def, backfill) -> dg.AssetsDef
 
         with wh.connect() as con:
             run_transaction(con, lambda: replace(con))
+        with wh.connect(read_only=True) as con:
+            after = unchanged.fingerprint(con, [unchanged.by_teacher("response_scores", "t", teachers)])
         summary = df.group_by("teacher").agg(
             pl.len().alias("responses"), pl.col("lalp").mean().alias("mean_lalp"), pl.col("galp").mean().alias("mean_galp")
         ).sort("teacher")
         yield dg.MaterializeResult(
-            metadata=table_metadata(df.drop("source_uri", "source_sha256"), "response_scores",
-                                    per_teacher=dg.MetadataValue.md(markdown_table(summary)))
+            metadata=unchanged.stamped(table_metadata(df.drop("source_uri", "source_sha256"), "response_scores",
+                                                      per_teacher=dg.MetadataValue.md(markdown_table(summary))), inputs, after)
         )
         yield check_result("every_response_scored", gx_suites.response_scores_suite(with_steps, df))
 

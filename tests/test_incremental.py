@@ -206,3 +206,44 @@ def test_a_rerun_passes_over_unchanged_responses_and_scores_only_what_changed(en
     assert run_teacher(instance, fresh, "alpha")["windows_total"] > 0  # the fresh file has no steps: all planned
     assert Warehouse(fresh.warehouse).read(q).select("response_id", "step_index", "n_tokens", "mean_logprob").equals(
         after.select("response_id", "step_index", "n_tokens", "mean_logprob"))
+
+
+def test_a_rerun_with_nothing_new_passes_over_scores_rankings_and_curation(env):
+    """Nothing new: ingest keeps its rows (and their ingest run), response_scores, teacher_rankings
+    and curated_sft_dataset keep their tables and re-run their checks on them. A missing export, or a
+    changed response, makes the stages that depend on it compute again."""
+    instance, inbox, settings, tmp = env
+    src = write_teacher(inbox / "alpha.jsonl", "alpha", "a")
+    instance.add_dynamic_partitions("teacher", ["alpha"])
+    s = settings(sources=(str(src),))
+    wh = Warehouse(s.warehouse)
+    stages = ("response_scores", "teacher_rankings", "curated_sft_dataset")
+    tables = {t: f"SELECT * FROM {t} ORDER BY ALL" for t in (*stages, "raw_teacher_traces", "selection_decisions")}
+
+    def run_all():
+        defs = build_defs(s)
+        assert defs.resolve_job_def("score_teachers_job").execute_in_process(instance=instance, partition_key="alpha").success
+        out = defs.resolve_job_def("rank_and_curate_job").execute_in_process(instance=instance)
+        assert out.success
+        checks = [e.event_specific_data for e in out.all_events
+                  if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION]
+        assert checks and all(c.passed for c in checks)
+        return {a: materialized(instance, a)["passed_over"] for a in stages}
+
+    assert run_all() == dict.fromkeys(stages, False)
+    before = {t: wh.read(q) for t, q in tables.items()}
+    assert run_all() == dict.fromkeys(stages, True)
+    assert all(wh.read(q).equals(before[t]) for t, q in tables.items())  # ingest_run_id included
+    assert materialized(instance, "curated_sft_dataset")["dagster/row_count"] == before["curated_sft_dataset"].height
+
+    # an export gone: only the curation writes it again
+    Path(materialized(instance, "curated_sft_dataset")["jsonl"]).unlink()
+    assert run_all() == {"response_scores": True, "teacher_rankings": True, "curated_sft_dataset": False}
+    assert Path(materialized(instance, "curated_sft_dataset")["jsonl"]).exists()
+
+    # one response changes: everything after it computes again
+    rows = [json.loads(line) for line in src.read_text().splitlines()]
+    rows[0]["response"] = rows[0]["response"].replace("carefully", "very carefully")
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert run_all() == dict.fromkeys(stages, False)
+    assert not wh.read(tables["raw_teacher_traces"]).equals(before["raw_teacher_traces"])
