@@ -249,7 +249,7 @@ def cmd_run(args) -> int:
         instance=instance, tags=owner_tags(), run_config=log, raise_on_error=False)
     if not _report(r, "rank_and_curate_job"):
         return 1
-    wh = Warehouse(settings.warehouse, data_path=settings.lake_data_path or None)
+    wh = Warehouse(settings.warehouse, data_path=settings.lake_data_path or None, memory_limit=settings.duckdb_memory)
     rk = wh.read("SELECT * FROM teacher_rankings ORDER BY lalp_rank")
     mix = wh.read("SELECT teacher, count(*) AS rows FROM curated_sft_dataset GROUP BY teacher ORDER BY rows DESC")
     print("\nTeacher ranking (LALP, paired bootstrap 95% CI; GALP beside it):")
@@ -325,7 +325,7 @@ def cmd_forget(args) -> int:
     from lalp_resources.warehouse import Warehouse, transaction
 
     settings = _settings(args)
-    wh = Warehouse(settings.warehouse, data_path=settings.lake_data_path or None)
+    wh = Warehouse(settings.warehouse, data_path=settings.lake_data_path or None, memory_limit=settings.duckdb_memory)
     with wh.connect(read_only=True) as con:
         counts = {t: con.execute(f"SELECT count(*) FROM {t} WHERE teacher = ?", [args.teacher]).fetchone()[0] for t in FORGET_TABLES}
     print(f"teacher {args.teacher!r} has: " + ", ".join(f"{t}: {n}" for t, n in counts.items()))

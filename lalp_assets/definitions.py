@@ -31,7 +31,8 @@ warnings.filterwarnings("ignore", category=getattr(dg, "PreviewWarning", dg.Beta
 
 def build_resources(s: Settings) -> dict:
     return {
-        "warehouse": WarehouseResource(path=s.warehouse, lake_data_path=s.lake_data_path, lock_timeout_s=s.warehouse_lock_timeout_s),
+        "warehouse": WarehouseResource(path=s.warehouse, lake_data_path=s.lake_data_path, lock_timeout_s=s.warehouse_lock_timeout_s,
+                                       memory_limit=s.duckdb_memory),
         "trace_sources": TraceSourcesResource(
             sources=list(s.sources), inbox=s.inbox, format=s.source_format, teacher_mode=s.teacher_mode,
             max_prompt_chars=s.max_prompt_chars, max_response_chars=s.max_response_chars,

@@ -467,9 +467,10 @@ def assemble_traces(wh, files: Sequence[FileVersion], teachers: Sequence[str]) -
     The keys, not the texts: (source_sha256, source_row, read_run_id) name the `source_traces`
     row to copy, with what the checks and metadata need (response_id, prompt_id, teacher,
     is_correct, the response's length without surrounding whitespace). Responses are compared by
-    digest and only their first characters leave the warehouse (the quarantine excerpt), so memory
+    digest, and only the first characters of the duplicates leave the warehouse (the quarantine excerpt), so memory
     does not grow with the texts (`adapters.dedupe`, the rule `lalp ingest` applies too)."""
     from lalp_resources.adapters.common import EXCERPT_CHARS
+    from lalp_resources.adapters.dedupe import excerpt
     from lalp_resources.warehouse import query
 
     order = {f.source_sha256: i for i, f in enumerate(files)}
@@ -477,13 +478,23 @@ def assemble_traces(wh, files: Sequence[FileVersion], teachers: Sequence[str]) -
         rows = query(
             con,
             "SELECT source_sha256, source_row, read_run_id, response_id, prompt_id, teacher, is_correct, source_uri, format, "
-            "md5(response) AS response_key, left(response, ?) AS response, length(trim(coalesce(response, ''), ?)) AS response_chars "
+            "md5(response) AS response_key, '' AS response, length(trim(coalesce(response, ''), ?)) AS response_chars "
             "FROM source_traces WHERE source_sha256 IN (SELECT unnest(?)) AND teacher IN (SELECT unnest(?)) "
             "QUALIFY row_number() OVER (PARTITION BY source_sha256, source_row ORDER BY read_run_id) = 1",
-            [EXCERPT_CHARS, WHITESPACE, list(order), list(teachers)],
+            [WHITESPACE, list(order), list(teachers)],
         )
-    if rows.height:
-        rows = rows.with_columns(pl.col("source_sha256").replace_strict(order, return_dtype=pl.Int64).alias("_order")).sort(
-            "_order", "source_row").drop("_order")
-    kept, dups = adapters.dedupe(rows, response_key="response_key")
+        if rows.height:
+            rows = rows.with_columns(pl.col("source_sha256").replace_strict(order, return_dtype=pl.Int64).alias("_order")).sort(
+                "_order", "source_row").drop("_order")
+        kept, dups = adapters.dedupe(rows, response_key="response_key")
+        if dups.height:  # the excerpts of the duplicates only: the other texts never leave the warehouse
+            con.register("_lalp_dups", dups.select("source_sha256", "source_row").to_arrow())
+            try:
+                texts = query(con, "SELECT DISTINCT s.source_sha256, s.source_row, s.prompt_id, s.teacher, left(s.response, ?) AS response "
+                                   "FROM source_traces s JOIN _lalp_dups d USING (source_sha256, source_row)", [EXCERPT_CHARS])
+            finally:
+                con.unregister("_lalp_dups")
+            dups = dups.drop("raw_excerpt").join(
+                texts.select("source_sha256", "source_row", excerpt(pl.col("response"))),
+                on=["source_sha256", "source_row"], how="left").select(dups.columns)
     return kept.drop("response", "response_key"), dups

@@ -16,7 +16,7 @@ import dagster as dg
 from pydantic import PrivateAttr
 
 from lalp_resources import adapters, objectstore
-from lalp_resources.warehouse import Warehouse
+from lalp_resources.warehouse import DEFAULT_MEMORY_LIMIT, Warehouse
 
 INBOX_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -27,9 +27,10 @@ class WarehouseResource(dg.ConfigurableResource):
     path: str
     lake_data_path: str
     lock_timeout_s: float
+    memory_limit: str = DEFAULT_MEMORY_LIMIT
 
     def get(self) -> Warehouse:
-        return Warehouse(self.path, self.lock_timeout_s, data_path=self.lake_data_path or None)
+        return Warehouse(self.path, self.lock_timeout_s, data_path=self.lake_data_path or None, memory_limit=self.memory_limit)
 
 
 @functools.lru_cache(maxsize=2)

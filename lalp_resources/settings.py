@@ -13,6 +13,8 @@ stale in the UI; nothing re-scores until someone materializes (or the schedule r
 
 from __future__ import annotations
 
+import re
+
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -44,6 +46,9 @@ class Settings:
         "LALP_LAKE_DATA_PATH", "cluster mode: the shared folder or object-store prefix for DuckLake's Parquet files"))
     warehouse_lock_timeout_s: float = field(default=120.0, metadata=_meta(
         "LALP_WAREHOUSE_LOCK_TIMEOUT", "seconds to wait for another process's DuckDB write lock"))
+    duckdb_memory: str = field(default="1GB", metadata=_meta(
+        "LALP_DUCKDB_MEMORY", "DuckDB's memory limit per warehouse connection (its buffer pool; bigger joins and "
+        "inserts spill to disk past it); `''` leaves DuckDB's default of 80% of the machine"))
     exports: str = field(default="", metadata=_meta(
         "LALP_EXPORTS", "curated JSONL / Parquet / HF dataset output folder, or an object-store prefix `s3://bucket/prefix` "
         "(default `<DAGSTER_HOME>/exports`)"))
@@ -183,6 +188,8 @@ class Settings:
             raise ValueError(f"LALP_SHARDS={self.shards}: expected 1 or more")
         if not self.commit_every_s >= 0:
             raise ValueError(f"LALP_COMMIT_EVERY_S={self.commit_every_s}: expected 0 or more seconds")
+        if self.duckdb_memory and not re.fullmatch(r"\s*\d+(\.\d+)?\s*(B|[KMGT]i?B)\s*", self.duckdb_memory, re.I):
+            raise ValueError(f"LALP_DUCKDB_MEMORY={self.duckdb_memory!r}: expected a size such as 1GB or 512MiB, or '' for DuckDB's default")
         if self.batch_prompts < 0:
             raise ValueError(f"LALP_BATCH_PROMPTS={self.batch_prompts}: expected 0 (all at once) or more prompts")
         if not self.progress_every_s >= 0:

@@ -196,6 +196,8 @@ FENCE_SCHEMA = "lalp_fence"
 CONFLICT_RETRIES = 25          # attempts of one transaction on DuckLake before WarehouseConflict
 CONFLICT_MAX_DELAY_S = 2.0
 
+# see Warehouse.config; LALP_DUCKDB_MEMORY
+DEFAULT_MEMORY_LIMIT = "1GB"
 LOCK_HINTS = ("could not set lock", "conflicting lock", "database is locked")
 CONFLICT_HINTS = ("transaction conflict", "write-write conflict", "conflict on tuple", "conflict on update",
                   "could not serialize access", "failed to commit ducklake transaction")
@@ -364,9 +366,13 @@ class Warehouse:
     """`Warehouse(path, lock_timeout_s, data_path=None)`: `path` is the warehouse string (module
     docstring); `data_path` the DuckLake data folder (overrides one given in the string)."""
 
-    def __init__(self, path: str | Path, lock_timeout_s: float = 120.0, data_path: str | None = None):
+    def __init__(self, path: str | Path, lock_timeout_s: float = 120.0, data_path: str | None = None,
+                 memory_limit: str = DEFAULT_MEMORY_LIMIT):
         self.target = parse_target(path, data_path)
         self.lock_timeout_s = lock_timeout_s
+        # DuckDB's buffer pool (and the spill point of big joins and inserts) per connection;
+        # DuckDB's own default is 80% of the machine, which a stage then holds on top of Python
+        self.config = {"memory_limit": memory_limit} if memory_limit else {}
         self.spec = str(path)
         # a Path for the DuckDB file (as before); the display string (password hidden) for DuckLake
         self.path: Path | str = self.target.path if self.target.kind == "duckdb" else _redact(self.spec)
@@ -477,7 +483,7 @@ class Warehouse:
     def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         t = self.target
         if not self.is_lake:
-            return duckdb.connect(str(t.path), read_only=read_only)
+            return duckdb.connect(str(t.path), read_only=read_only, config=self.config)
         if not t.postgres:
             return self._attach(read_only)  # a local catalog file: never held open between uses (its lock)
         # PostgreSQL catalog: loading the extensions and attaching costs ~0.3 s, so each process keeps
@@ -501,7 +507,7 @@ class Warehouse:
     def _attach(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         t = self.target
         # nothing may be fetched at run time: extensions come from the wheels
-        con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+        con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False, **self.config})
         try:
             if t.postgres:
                 con.execute(f"LOAD {_sql_str(str(extension_path('postgres_scanner')))}")

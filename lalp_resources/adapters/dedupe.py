@@ -7,6 +7,12 @@ import polars as pl
 from lalp_resources.adapters.common import EXCERPT_CHARS, QUARANTINE_COLUMNS, QUARANTINE_SCHEMA, frame
 
 
+def excerpt(response: pl.Expr) -> pl.Expr:
+    """A duplicate's quarantine excerpt: its keys and the start of its response."""
+    return pl.concat_str([pl.lit("prompt_id="), pl.col("prompt_id"), pl.lit(" teacher="), pl.col("teacher"),
+                          pl.lit(" response="), response]).str.slice(0, EXCERPT_CHARS).alias("raw_excerpt")
+
+
 def dedupe(traces: pl.DataFrame, response_key: str = "response") -> tuple[pl.DataFrame, pl.DataFrame]:
     """Split ``traces`` into (kept, quarantined) by row order (the first occurrence wins).
 
@@ -44,8 +50,7 @@ def dedupe(traces: pl.DataFrame, response_key: str = "response") -> tuple[pl.Dat
                                   pl.col("teacher"), pl.lit("' already has a different response at "),
                                   where(pl.col("_p_uri"), pl.col("_p_row")), pl.lit("; keeping the first")]))
         .alias("detail"),
-        pl.concat_str([pl.lit("prompt_id="), pl.col("prompt_id"), pl.lit(" teacher="), pl.col("teacher"),
-                       pl.lit(" response="), pl.col("response")]).str.slice(0, EXCERPT_CHARS).alias("raw_excerpt"),
+        excerpt(pl.col("response")),
     )
     # Location prefix in the detail, worded like the adapters' details ("line 7: ...").
     unit = (
