@@ -122,7 +122,7 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
         if previous is not None:
             context.log.info("passed over: no score, ranking, trace or quarantine row changed since this set was "
                              "curated, and its exports are in place")
-            yield dg.MaterializeResult(metadata=unchanged.passed_over(previous, inputs, before))
+            yield dg.MaterializeResult(metadata=unchanged.stamped(previous, inputs, before, passed_over=True))
             yield check_result("one_row_per_prompt_traceable", gx_suites.curated_suite(stored, raw_ids))
             return
         # A response whose text holds a control-token string never enters the SFT set unless the

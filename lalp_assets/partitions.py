@@ -59,17 +59,21 @@ def scope_of(context: dg.AssetExecutionContext) -> Scope:
     return Scope(sorted(keys), None)
 
 
-def settled_partitions(context: dg.AssetExecutionContext, version: str) -> set[str]:
-    """The selected partition keys (as strings) whose last materialization of this asset ran code
-    version `version`: every row they hold was written under today's settings, so a response found
-    there can be passed over. A run with other settings (or none yet) settles nothing."""
+def latest_materializations(context: dg.AssetExecutionContext) -> dict[str, dg.AssetMaterialization]:
+    """The last materialization of each selected partition key (as a string) that has one."""
     keys = [str(k) for k in context.partition_keys]
     instance = context.instance
     latest = instance.get_latest_storage_id_by_partition(
         context.asset_key, dg.DagsterEventType.ASSET_MATERIALIZATION, partitions=set(keys))
     if not latest:
-        return set()
+        return {}
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=context.asset_key, storage_ids=list(latest.values())), limit=len(latest)).records
-    return {r.partition_key for r in records
-            if r.partition_key is not None and r.asset_materialization.tags.get("dagster/code_version") == version}
+    return {r.partition_key: r.asset_materialization for r in records if r.partition_key is not None}
+
+
+def settled_partitions(context: dg.AssetExecutionContext, version: str) -> set[str]:
+    """The selected partition keys (as strings) whose last materialization of this asset ran code
+    version `version`: every row they hold was written under today's settings, so a response found
+    there can be passed over. A run with other settings (or none yet) settles nothing."""
+    return {k for k, m in latest_materializations(context).items() if m.tags.get("dagster/code_version") == version}

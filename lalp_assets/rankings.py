@@ -107,7 +107,7 @@ def build(settings: PipelineSettingsResource) -> dg.AssetsDefinition:
                 stored = query(con, "SELECT teacher FROM teacher_rankings")
         if previous is not None:
             context.log.info("passed over: no score, step or trace changed since this ranking was computed")
-            yield dg.MaterializeResult(metadata=unchanged.passed_over(previous, inputs, before))
+            yield dg.MaterializeResult(metadata=unchanged.stamped(previous, inputs, before, passed_over=True))
             yield check_result("every_teacher_ranked", gx_suites.rankings_suite(teachers, stored))
             return
         with wh.connect(read_only=True) as con:

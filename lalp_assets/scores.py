@@ -368,7 +368,7 @@ def build_response_scores(shards: int, partitions_def, backfill) -> dg.AssetsDef
                 stored = query(con, "SELECT response_id, lalp, galp FROM response_scores WHERE teacher IN (SELECT unnest(?))", [teachers])
         if previous is not None:
             context.log.info(f"passed over: no step score, GALP, step or trace of {teachers} changed since this table was written")
-            yield dg.MaterializeResult(metadata=unchanged.passed_over(previous, inputs, before))
+            yield dg.MaterializeResult(metadata=unchanged.stamped(previous, inputs, before, passed_over=True))
             yield check_result("every_response_scored", gx_suites.response_scores_suite(with_steps, stored))
             return
         with wh.connect(read_only=True) as con:

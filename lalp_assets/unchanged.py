@@ -18,6 +18,8 @@ from typing import Sequence
 
 import dagster as dg
 
+from lalp_assets.partitions import latest_materializations
+
 FINGERPRINT_KEY, OUTPUT_KEY = "inputs_fingerprint", "output_fingerprint"
 
 
@@ -50,18 +52,11 @@ def fingerprint(con, stamps: Sequence[Stamp]) -> str:
 def _latest(context: dg.AssetExecutionContext) -> list[dg.AssetMaterialization] | None:
     """The last materialization of each selected partition (of the asset, unpartitioned), or
     None where one has never materialized."""
-    instance = context.instance
     if not context.has_partition_key and not context.has_partition_key_range:
-        event = instance.get_latest_materialization_event(context.asset_key)
+        event = context.instance.get_latest_materialization_event(context.asset_key)
         return [event.asset_materialization] if event and event.asset_materialization else None
-    keys = {str(k) for k in context.partition_keys}
-    latest = instance.get_latest_storage_id_by_partition(
-        context.asset_key, dg.DagsterEventType.ASSET_MATERIALIZATION, partitions=keys)
-    if set(latest) != keys:
-        return None
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=context.asset_key, storage_ids=list(latest.values())), limit=len(latest)).records
-    return [r.asset_materialization for r in records] if len(records) == len(keys) else None
+    latest = latest_materializations(context)
+    return list(latest.values()) if set(latest) == {str(k) for k in context.partition_keys} else None
 
 
 def _text(md: dict, key: str) -> str | None:
@@ -83,15 +78,11 @@ def unchanged_since(context: dg.AssetExecutionContext, version: str, inputs: str
     return dict(mats[0].metadata)
 
 
-def passed_over(previous: dict, inputs: str, output: str) -> dict:
-    """The metadata of a materialization that kept the table: the earlier one's, marked."""
-    return {**previous, FINGERPRINT_KEY: dg.MetadataValue.text(inputs), OUTPUT_KEY: dg.MetadataValue.text(output),
-            "passed_over": dg.MetadataValue.bool(True)}
-
-
-def stamped(metadata: dict, inputs: str, output: str) -> dict:
+def stamped(metadata: dict, inputs: str, output: str, passed_over: bool = False) -> dict:
+    """A materialization's metadata with its fingerprints; `passed_over`: it kept the table (the
+    metadata is then the earlier materialization's)."""
     return {**metadata, FINGERPRINT_KEY: dg.MetadataValue.text(inputs), OUTPUT_KEY: dg.MetadataValue.text(output),
-            "passed_over": dg.MetadataValue.bool(False)}
+            "passed_over": dg.MetadataValue.bool(passed_over)}
 
 
 # what the stages after scoring read, over every teacher (rankings and curation)
