@@ -25,15 +25,16 @@
    does (`score_teachers_job` over every teacher, then `rank_and_curate_job`).
 5. The table. Seconds and peak RSS per stage from the Dagster event log: an asset's body
    (STEP_START to its ASSET_MATERIALIZATION), then each asset check (to its
-   ASSET_CHECK_EVALUATION); RSS is sampled by a background thread every 20 ms. Inputs are
-   generated in a child process, so the peak RSS is the pipeline's.
+   ASSET_CHECK_EVALUATION); RSS and CPU time are sampled by a background thread every 20 ms, over
+   the process and its live children (the planner processes of `LALP_HOST_WORKERS`). Inputs are
+   generated in a child process that ends before the run, so the peak RSS is the pipeline's.
 
 6. The rerun. The same graph again on the same inputs, warehouse and instance, with nothing new:
    its table follows, and its tables must come out unchanged.
 
 The last line is `rows=N seconds=S peak_rss_mb=M per_row_ms=P rerun_seconds=R`: S is the wall time
 of the graph (teacher discovery included; generation, student building and the cache pre-fill
-excluded), M the process's peak RSS (both runs), R the rerun's wall time.
+excluded), M the peak RSS of the process with its planner processes (both runs), R the rerun's wall time.
 """
 
 from __future__ import annotations
@@ -285,9 +286,42 @@ def prefill_cache(warehouse: str, rows_file: Path) -> int:
 # --------------------------------------------------------------------------------- measuring
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
+def _descendants() -> list[int]:
+    """This process's live descendants (the planner processes, engine/prefetch.py, among them)."""
+    out, todo = [], [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+                out += kids
+                todo += kids
+        except OSError:  # gone meanwhile
+            continue
+    return out
+
+
+def _statm_mb(pid) -> float:
+    with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _cpu_s(pid) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def rss_mb(kids: list[int] | None = None) -> float:
+    """Resident set size of this process and its live descendants."""
+    total = _statm_mb("self")
+    for pid in _descendants() if kids is None else kids:
+        try:
+            total += _statm_mb(pid)
+        except OSError:
+            pass
+    return total
 
 
 def peak_rss_mb() -> float:
@@ -295,7 +329,7 @@ def peak_rss_mb() -> float:
 
 
 class RssSampler(threading.Thread):
-    """Resident set size and CPU time (all threads) of this process every `every_s` seconds. CPU
+    """Resident set size and CPU time (all threads) of this process and its children every `every_s` seconds. CPU
     seconds say what a stage costs when other processes share the machine; wall seconds do not."""
 
     def __init__(self, every_s: float = 0.02):
@@ -305,8 +339,16 @@ class RssSampler(threading.Thread):
         self._halt = threading.Event()
 
     def sample(self) -> None:
-        kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # e.g. the answer verifier's child process
-        self.samples.append((time.time(), rss_mb(), time.process_time() + kids.ru_utime + kids.ru_stime))
+        # children that ended (the answer verifier's) and live ones (the planner processes)
+        done = resource.getrusage(resource.RUSAGE_CHILDREN)
+        live = _descendants()
+        cpu = time.process_time() + done.ru_utime + done.ru_stime
+        for pid in live:
+            try:
+                cpu += _cpu_s(pid)
+            except OSError:
+                pass
+        self.samples.append((time.time(), rss_mb(live), cpu))
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -391,7 +433,7 @@ def print_table(rows: list[dict], file=sys.stdout) -> None:
 
 
 def run_graph(work: Path, trace_file: Path, model_dir: str, verbose: bool = False, cold: bool = False,
-              rerun: bool = False) -> dict:
+              rerun: bool = False, host_workers: int | None = None) -> dict:
     """The whole graph in this process, the way `lalp run` does it; returns the measurements."""
     import logging
 
@@ -418,7 +460,7 @@ def run_graph(work: Path, trace_file: Path, model_dir: str, verbose: bool = Fals
     settings = Settings(
         dagster_home=str(home), sources=(str(trace_file),), source_format="canonical", max_prompts=0,
         model=model_dir, device="cpu", dtype="float32", template="chat",
-        cache_dir=str(work / "cache"),
+        cache_dir=str(work / "cache"), **({} if host_workers is None else {"host_workers": host_workers}),
     )
     # a rerun finds the warehouse and instance of the first run: nothing new to do
     prefilled = 0 if cold or rerun else prefill_cache(settings.warehouse, work / "inputs" / "score_cache.parquet")
@@ -471,7 +513,8 @@ def run_graph(work: Path, trace_file: Path, model_dir: str, verbose: bool = Fals
             "raw_teacher_traces", "quarantine", "reasoning_steps", "step_scores", "score_cache",
             "response_scores", "selection_decisions", "curated_sft_dataset")}
     return {"ok": ok, "table": table, "seconds": t_end - t_start, "cpu_s": sampler.cpu(t_start, t_end),
-            "peak_rss_mb": peak_rss_mb(),
+            # its own high-water mark, or the sampled peak with its planner processes where higher
+            "peak_rss_mb": max(peak_rss_mb(), sampler.peak(t_start, t_end)),
             "sampled_peak_mb": sampler.peak(t_start, t_end), "counts": counts, "warehouse": settings.warehouse,
             "exports": settings.exports, "teachers": teachers, "engine": engine, "prefilled": prefilled}
 
@@ -495,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=ZEROEVAL_DIR, help="the ZeroEval MATH level-5 directory")
     p.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one, removed)")
     p.add_argument("--keep", action="store_true", help="keep the working folder")
+    p.add_argument("--host-workers", type=int, default=None,
+                   help="LALP_HOST_WORKERS for the run (default: the setting's default)")
     p.add_argument("--json", type=Path, default=None, help="also write the measurements here as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="Dagster's INFO log on the console")
     p.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
@@ -534,10 +579,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"score cache: {info['distinct_responses']:,} distinct responses, {info['cache_rows']:,} windows pre-scored "
                   f"({info['windows_scored_now']:,} scored now in {info['prescore_seconds']}s, the rest kept from earlier runs "
                   f"in {args.cache_store})")
-        res = run_graph(work, trace_file, info["student"], verbose=args.verbose, cold=args.cold)
+        res = run_graph(work, trace_file, info["student"], verbose=args.verbose, cold=args.cold,
+                        host_workers=args.host_workers)
         # the same graph again on the same inputs, warehouse and instance: what the nightly schedule
         # or a `lalp run` after a small change pays when nothing (or little) is new
-        again = run_graph(work, trace_file, info["student"], verbose=args.verbose, cold=args.cold, rerun=True) if res["ok"] else None
+        again = run_graph(work, trace_file, info["student"], verbose=args.verbose, cold=args.cold, rerun=True,
+                          host_workers=args.host_workers) if res["ok"] else None
         load_after = os.getloadavg()
         print()
         print_table(res["table"])

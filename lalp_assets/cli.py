@@ -161,7 +161,7 @@ def _engine(args, settings: Settings, student):
     kw = dict(template=settings.template, window=settings.window,
               namespace=f"{student.fingerprint}|{settings.template}|{student.dtype}",
               row_tokens=settings.row_tokens or None, batch_tokens=settings.batch_tokens or None,
-              group_tokens=settings.group_tokens or None)
+              group_tokens=settings.group_tokens or None, host_workers=settings.host_workers)
     if args.approx:
         print("note: --approx uses one step-sliding pass per response; step scores are NOT exact LALP", file=sys.stderr)
         return ScoringEngine(student.model, student.tokenizer, approx=True, **kw)

@@ -42,7 +42,7 @@ def build_resources(s: Settings) -> dict:
         "student": StudentModelResource(
             model=s.model, device=s.device, dtype=s.dtype, cache_dir=s.cache_dir,
             row_tokens=s.row_tokens, batch_tokens=s.batch_tokens, group_tokens=s.group_tokens, compile=s.compile,
-            cpu_kernels=s.cpu_kernels,
+            cpu_kernels=s.cpu_kernels, host_workers=s.host_workers,
             backend=s.backend, vllm_tp=s.vllm_tp, vllm_pp=s.vllm_pp, vllm_gpu_memory=s.vllm_gpu_memory,
             vllm_max_model_len=s.vllm_max_model_len, vllm_batch_tokens=s.vllm_batch_tokens,
             vllm_kv_cache_gb=s.vllm_kv_cache_gb, server_model=s.server_model, server_concurrency=s.server_concurrency,

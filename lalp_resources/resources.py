@@ -74,6 +74,7 @@ class StudentModelResource(dg.ConfigurableResource):
     group_tokens: int    # prompts per committed chunk, by estimated tokens (0: default)
     compile: bool        # torch.compile the decoder layers (see ScoringEngine)
     cpu_kernels: bool    # packed oneDNN GEMMs, fused MLP and RMSNorm on CPU (engine/cpu_kernels.py)
+    host_workers: int    # planner processes tokenizing windows ahead (engine/prefetch.py)
     backend: str         # engine | vllm | openai:<base url> (lalp_resources/engine/backends.py)
     vllm_tp: int
     vllm_pp: int
@@ -100,7 +101,7 @@ class StudentModelResource(dg.ConfigurableResource):
         st = self.load()
         # the namespace names the numbers (student, template, dtype), not the backend that computed them
         kw = dict(template=template, window=window, namespace=f"{st.fingerprint}|{template}|{st.dtype}", cache=cache,
-                  group_tokens=self.group_tokens or None)
+                  group_tokens=self.group_tokens or None, host_workers=self.host_workers)
         if self.backend == "engine":
             return ScoringEngine(st.model, st.tokenizer, row_tokens=self.row_tokens or None,
                                  batch_tokens=self.batch_tokens or None, compile=self.compile,

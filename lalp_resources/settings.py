@@ -159,6 +159,9 @@ class Settings:
         "LALP_BATCH_PROMPTS", "`reasoning_steps` and `step_scores` read, process and commit their scope this many "
         "prompts at a time, so their memory depends on the batch and not on the rows (`0`: all at once); the steps "
         "and scores are the same whatever the batch"))
+    host_workers: int = field(default=1, metadata=_meta(
+        "LALP_HOST_WORKERS", "planner processes that tokenize `step_scores`' next windows while the scoring process "
+        "scores, looks up and commits the ones before (`0`: plan in the scoring process); the scores are the same"))
     progress_every_s: float = field(default=10.0, metadata=_meta(
         "LALP_PROGRESS_EVERY_S", "long stages log their progress (done of total, rate, time left) at most this often (seconds)"))
     shards: int = field(default=1, metadata=_meta(
@@ -192,6 +195,8 @@ class Settings:
             raise ValueError(f"LALP_DUCKDB_MEMORY={self.duckdb_memory!r}: expected a size such as 1GB or 512MiB, or '' for DuckDB's default")
         if self.batch_prompts < 0:
             raise ValueError(f"LALP_BATCH_PROMPTS={self.batch_prompts}: expected 0 (all at once) or more prompts")
+        if self.host_workers < 0:
+            raise ValueError(f"LALP_HOST_WORKERS={self.host_workers}: expected 0 (plan in-process) or more processes")
         if not self.progress_every_s >= 0:
             raise ValueError(f"LALP_PROGRESS_EVERY_S={self.progress_every_s}: expected 0 or more seconds")
         from lalp_resources.diagnostics import parse_families

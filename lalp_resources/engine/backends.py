@@ -82,8 +82,8 @@ class RequestScoringEngine(ScoringEngine):
 
     def __init__(self, tokenizer, *, template: str = "chat", window: str | WindowSpec = "fixed:4", namespace: str = "",
                  cache=None, galp: bool = True, group_tokens: int | None = None, merge: bool = True,
-                 max_context: int | None = None):
-        self._init_definition(None, tokenizer, template, window, namespace, cache, galp)
+                 max_context: int | None = None, host_workers: int = 0):
+        self._init_definition(None, tokenizer, template, window, namespace, cache, galp, host_workers)
         self.merge = merge
         self.max_context = max_context
         self.group_tokens = group_tokens or 16384

@@ -37,6 +37,7 @@ import contextlib
 import logging
 import os
 import time
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -48,13 +49,14 @@ from lalp_resources.engine import attention as attn
 from lalp_resources.engine.cpu_kernels import fast_cpu
 from lalp_resources.engine.head import DeviceAccumulator, target_logprobs
 from lalp_resources.engine.plan import (
-    GALP_STEP, Layout, Task, Unit, batch_rows, build_units, dense_layout, pack_rows, pack_sparse, split_tiles,
-    token_ranges, window_plans, window_tokens,
+    GALP_STEP, Layout, Task, Unit, batch_rows, block_tokens, build_units, dense_layout, pack_rows, pack_sparse,
+    split_tiles, token_ranges,
 )
+from lalp_resources.engine.prefetch import Planner, Planners
 from lalp_resources.engine.types import (
     EngineStats, ResponseScore, ScoreCache, ScoredChunk, ScoreItem, StepScore, cache_row,
 )
-from lalp_resources.method.tokenization import key_base, prefix_ids, window_key_from
+from lalp_resources.method.tokenization import key_base, window_key_from
 from lalp_resources.method.windows import WindowSpec
 
 log = logging.getLogger("lalp.engine")
@@ -119,6 +121,8 @@ class ScoringEngine:
     student's decoder layers on the sparse path (`compile_layers`; a one-off cost per process).
     `cpu_kernels=True` runs the model's work on CPU in float32 with packed oneDNN GEMMs and fused
     MLP and RMSNorm (`cpu_kernels.FastCPU`; an extra copy of the linear weights).
+    `host_workers` > 0 tokenizes the windows of later blocks in that many planner processes while
+    this one scores (`prefetch.Planner`; the results are the same).
     """
 
     def __new__(cls, *args, approx: bool = False, **kwargs):
@@ -147,8 +151,9 @@ class ScoringEngine:
         approx: bool = False,
         compile: bool = False,
         cpu_kernels: bool = True,
+        host_workers: int = 0,
     ):
-        self._init_definition(model, tokenizer, template, window, namespace, cache, galp)
+        self._init_definition(model, tokenizer, template, window, namespace, cache, galp, host_workers)
         self.device = next(model.parameters()).device
         on_gpu = self.device.type == "cuda"
         if attention not in ATTENTION_PATHS:
@@ -184,7 +189,7 @@ class ScoringEngine:
         # oneDNN packed GEMMs and fused MLP/RMSNorm on CPU (cpu_kernels.py); compiled layers fuse on their own
         self.fast = fast_cpu(model) if cpu_kernels and not self.compiled else None
 
-    def _init_definition(self, model, tokenizer, template, window, namespace, cache, galp) -> None:
+    def _init_definition(self, model, tokenizer, template, window, namespace, cache, galp, host_workers=0) -> None:
         """What every backend shares (engine/backends.py too): the student, the definition's
         parameters and the cache."""
         self.model = model
@@ -194,6 +199,8 @@ class ScoringEngine:
         self.namespace = namespace
         self.cache = cache
         self.galp = galp
+        self.host_workers = host_workers  # planner processes (engine/prefetch.py); 0: plan in-process
+        self._planners: Planners | None = None
         self._on_batch = None
         self._t0 = time.perf_counter()
         self._model_seconds = 0.0
@@ -210,22 +217,38 @@ class ScoringEngine:
         by_prompt, groups = self._groups(items)
         total = sum(len(it.spans) + (1 if self.galp else 0) for it in items)
         done = 0
-        for block in self._blocks(groups, by_prompt):
-            self._fresh = {}  # windows scored by this block's groups so far
-            # the block's groups are planned together: their responses tokenized in one batch
-            # and their windows looked up in the cache at once (per-call costs paid per block)
-            planned = self._plan_block([(prompts, [items[i] for p in prompts for i in by_prompt[p]]) for prompts in block])
-            for plan in planned:
-                n_group = sum(len(it.spans) + (1 if self.galp else 0) for it in plan.items)
-                if progress:  # within a group, report by the share of its token-forwards done
-                    self._on_batch = lambda frac, d=done, n=n_group: progress(d + int(n * frac), total, self.stats)
-                chunk = self._finish_group(plan)
-                self._on_batch = None
-                done += n_group
-                self.stats.seconds = time.perf_counter() - t0
-                if progress:
-                    progress(done, total, self.stats)
-                yield chunk
+        # the block's groups are planned together: their responses tokenized in one batch and
+        # their windows looked up in the cache at once (per-call costs paid per block)
+        blocks = [[(prompts, [items[i] for p in prompts for i in by_prompt[p]]) for prompts in block]
+                  for block in self._blocks(groups, by_prompt)]
+        planner = self._planner(blocks)
+        try:
+            for k, block in enumerate(blocks):
+                self._fresh = {}  # windows scored by this block's groups so far
+                planned = self._plan_block(block, planner.tokens(k) if planner else None)
+                for plan in planned:
+                    n_group = sum(len(it.spans) + (1 if self.galp else 0) for it in plan.items)
+                    if progress:  # within a group, report by the share of its token-forwards done
+                        self._on_batch = lambda frac, d=done, n=n_group: progress(d + int(n * frac), total, self.stats)
+                    chunk = self._finish_group(plan)
+                    self._on_batch = None
+                    done += n_group
+                    self.stats.seconds = time.perf_counter() - t0
+                    if progress:
+                        progress(done, total, self.stats)
+                    yield chunk
+        finally:
+            if planner:
+                planner.close()
+
+    def _planner(self, blocks) -> Planner | None:
+        """Planner processes for the blocks after the first (engine/prefetch.py), where there are
+        enough blocks to repay their start."""
+        if self._planners is None:
+            self._planners = Planners(self.tokenizer, self.template, self.window, self.galp, self.host_workers)
+            weakref.finalize(self, self._planners.close)
+        return self._planners.ahead(
+            [([prompts for prompts, _ in block], [it for _, its in block for it in its]) for block in blocks])
 
     def _blocks(self, groups: list[list[str]], by_prompt: dict[str, list[int]]) -> Iterator[list[list[str]]]:
         """Consecutive groups planned together: up to BLOCK_GROUPS groups and BLOCK_ITEMS items."""
@@ -301,18 +324,21 @@ class ScoringEngine:
     def _build_units(self, items, plans, toks, tasks, todo, prompt_index) -> list[Unit]:
         return build_units(self.tokenizer, items, plans, toks, todo, prompt_index)
 
-    def _plan_block(self, groups: list[tuple[list[str], list[ScoreItem]]]) -> list[GroupPlan]:
+    def _plan_block(self, groups: list[tuple[list[str], list[ScoreItem]]], tokens=None) -> list[GroupPlan]:
         """Windows, their tokens and cache keys for each (prompts, items) group, and the cache's
-        answer for all of them in one lookup."""
+        answer for all of them in one lookup. `tokens`: the block's `block_tokens`, where a
+        planner process computed them ahead."""
         h0 = time.perf_counter()
         every = [it for _, its in groups for it in its]
-        plans, texts, _ = window_plans(every, self.window, self.galp)
-        toks, alone = window_tokens(self.tokenizer, every, plans, texts)
+        if tokens is None:
+            tokens = block_tokens(self.tokenizer, self.template, self.window, self.galp,
+                                  [prompts for prompts, _ in groups], every)
+        plans, toks, alone, block_prefixes = tokens
         self.stats.windows_tokenized_alone += alone
         out, at = [], 0
         for prompts, its in groups:
             prompt_index = {p: k for k, p in enumerate(prompts)}
-            prefixes = [prefix_ids(self.tokenizer, p, self.template) for p in prompts]
+            prefixes = block_prefixes[len(out)]
             g_plans = plans[at:at + len(its)]
             at += len(its)
             tasks = self._make_tasks(its, g_plans, toks, prefixes, prompt_index)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lalp_resources.method.tokenization import encode_arrays, encode_lists, scored_range, tokenize_many
+from lalp_resources.method.tokenization import encode_arrays, encode_lists, prefix_ids, scored_range, tokenize_many
 
 GALP_STEP = -1
 
@@ -197,6 +197,17 @@ def window_tokens(tokenizer, items, plans, texts) -> tuple[list[tuple[np.ndarray
     for tid, (ids, st, _) in zip(alone, encode_arrays(tokenizer, [texts[t] for t in alone])):
         toks[tid] = (ids, st)
     return toks, len(alone)
+
+
+def block_tokens(tokenizer, template: str, window, galp: bool, prompts_of_groups: list[list[str]], items):
+    """The tokenizer's half of planning a block of groups: every window's plan and tokens
+    (`window_plans`, `window_tokens`) over the block's items, and each group's prompt prefixes.
+    A pure function of its arguments, so a planner process can run it ahead of the scorer
+    (engine/prefetch.py). Returns (plans, toks, windows tokenized alone, prefixes per group)."""
+    plans, texts, _ = window_plans(items, window, galp)
+    toks, alone = window_tokens(tokenizer, items, plans, texts)
+    prefixes = [[prefix_ids(tokenizer, p, template) for p in prompts] for prompts in prompts_of_groups]
+    return plans, toks, alone, prefixes
 
 
 def _join(pid: list, pst: list, pen: list, fid: list, fst: list, fen: list, lo: int, hi: int):
