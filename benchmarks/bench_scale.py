@@ -314,7 +314,8 @@ def _cpu_s(pid) -> float:
 
 
 def rss_mb(kids: list[int] | None = None) -> float:
-    """Resident set size of this process and its live descendants."""
+    """Resident set size of this process and its live descendants (an upper bound: pages that
+    they share, such as libraries, count once in each)."""
     total = _statm_mb("self")
     for pid in _descendants() if kids is None else kids:
         try:
@@ -337,11 +338,17 @@ class RssSampler(threading.Thread):
         self.every_s = every_s
         self.samples: list[tuple[float, float, float]] = []
         self._halt = threading.Event()
+        self._kids: list[int] = []
+        self._kids_at = 0.0
 
     def sample(self) -> None:
-        # children that ended (the answer verifier's) and live ones (the planner processes)
+        # children that ended (the answer verifier's) and live ones (the planner processes; the
+        # list is refreshed every half second, reading it costs more than the sample)
+        now = time.time()
+        if now - self._kids_at >= 0.5:
+            self._kids, self._kids_at = _descendants(), now
+        live = self._kids
         done = resource.getrusage(resource.RUSAGE_CHILDREN)
-        live = _descendants()
         cpu = time.process_time() + done.ru_utime + done.ru_stime
         for pid in live:
             try:
@@ -433,7 +440,8 @@ def print_table(rows: list[dict], file=sys.stdout) -> None:
 
 
 def run_graph(work: Path, trace_file: Path, model_dir: str, verbose: bool = False, cold: bool = False,
-              rerun: bool = False, host_workers: int | None = None) -> dict:
+              rerun: bool = False, host_workers: int | None = None,
+              duckdb_memory: str | None = None) -> dict:
     """The whole graph in this process, the way `lalp run` does it; returns the measurements."""
     import logging
 
@@ -461,6 +469,7 @@ def run_graph(work: Path, trace_file: Path, model_dir: str, verbose: bool = Fals
         dagster_home=str(home), sources=(str(trace_file),), source_format="canonical", max_prompts=0,
         model=model_dir, device="cpu", dtype="float32", template="chat",
         cache_dir=str(work / "cache"), **({} if host_workers is None else {"host_workers": host_workers}),
+        **({} if duckdb_memory is None else {"duckdb_memory": duckdb_memory}),
     )
     # a rerun finds the warehouse and instance of the first run: nothing new to do
     prefilled = 0 if cold or rerun else prefill_cache(settings.warehouse, work / "inputs" / "score_cache.parquet")
@@ -540,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the working folder")
     p.add_argument("--host-workers", type=int, default=None,
                    help="LALP_HOST_WORKERS for the run (default: the setting's default)")
+    p.add_argument("--duckdb-memory", default=None,
+                   help="LALP_DUCKDB_MEMORY for the run (default: the setting's default); a tenth of it at a tenth of "
+                        "the rows shows where the default would not hold at ten times the rows")
     p.add_argument("--json", type=Path, default=None, help="also write the measurements here as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="Dagster's INFO log on the console")
     p.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
@@ -580,11 +592,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"({info['windows_scored_now']:,} scored now in {info['prescore_seconds']}s, the rest kept from earlier runs "
                   f"in {args.cache_store})")
         res = run_graph(work, trace_file, info["student"], verbose=args.verbose, cold=args.cold,
-                        host_workers=args.host_workers)
+                        host_workers=args.host_workers, duckdb_memory=args.duckdb_memory)
         # the same graph again on the same inputs, warehouse and instance: what the nightly schedule
         # or a `lalp run` after a small change pays when nothing (or little) is new
         again = run_graph(work, trace_file, info["student"], verbose=args.verbose, cold=args.cold, rerun=True,
-                          host_workers=args.host_workers) if res["ok"] else None
+                          host_workers=args.host_workers, duckdb_memory=args.duckdb_memory) if res["ok"] else None
         load_after = os.getloadavg()
         print()
         print_table(res["table"])

@@ -32,12 +32,18 @@ ORDER BY s.prompt_id
 
 # The weakest steps of each teacher's responses (largest gap below their response's mean), for the UI
 WEAKEST_PER_TEACHER = 3
+# (the window runs over the scores alone and only the chosen rows fetch their step's text, so the
+# texts of every response's weakest step are never held at once: it stays within LALP_DUCKDB_MEMORY)
 WEAKEST_SQL = """
-SELECT s.teacher, s.response_id, s.weakest_step, s.weakest_score, s.weakest_gap, r.text
-FROM response_scores s JOIN reasoning_steps r ON r.response_id = s.response_id AND r.step_index = s.weakest_step
-WHERE s.prompt_id NOT IN (SELECT unnest(?::VARCHAR[])) AND s.weakest_gap IS NOT NULL
-QUALIFY row_number() OVER (PARTITION BY s.teacher ORDER BY s.weakest_gap DESC, s.response_id) <= ?
-ORDER BY s.teacher, s.weakest_gap DESC
+WITH top AS (
+  SELECT s.teacher, s.response_id, s.weakest_step, s.weakest_score, s.weakest_gap
+  FROM response_scores s SEMI JOIN reasoning_steps r ON r.response_id = s.response_id AND r.step_index = s.weakest_step
+  WHERE s.prompt_id NOT IN (SELECT unnest(?::VARCHAR[])) AND s.weakest_gap IS NOT NULL
+  QUALIFY row_number() OVER (PARTITION BY s.teacher ORDER BY s.weakest_gap DESC, s.response_id) <= ?
+)
+SELECT t.teacher, t.response_id, t.weakest_step, t.weakest_score, t.weakest_gap, r.text
+FROM top t JOIN reasoning_steps r ON r.response_id = t.response_id AND r.step_index = t.weakest_step
+ORDER BY t.teacher, t.weakest_gap DESC, t.response_id
 """
 
 

@@ -480,7 +480,10 @@ def assemble_traces(wh, files: Sequence[FileVersion], teachers: Sequence[str]) -
             "SELECT source_sha256, source_row, read_run_id, response_id, prompt_id, teacher, is_correct, source_uri, format, "
             "md5(response) AS response_key, '' AS response, length(trim(coalesce(response, ''), ?)) AS response_chars "
             "FROM source_traces WHERE source_sha256 IN (SELECT unnest(?)) AND teacher IN (SELECT unnest(?)) "
-            "QUALIFY row_number() OVER (PARTITION BY source_sha256, source_row ORDER BY read_run_id) = 1",
+            # one read of each file version (a read commits all its rows at once): the first. A
+            # grouped semi-join, not a window over the rows, so it spills within LALP_DUCKDB_MEMORY
+            "AND (source_sha256, read_run_id) IN (SELECT source_sha256, min(read_run_id) FROM source_traces "
+            "GROUP BY source_sha256)",
             [WHITESPACE, list(order), list(teachers)],
         )
         if rows.height:

@@ -225,7 +225,10 @@ class ScoringEngine:
         try:
             for k, block in enumerate(blocks):
                 self._fresh = {}  # windows scored by this block's groups so far
-                planned = self._plan_block(block, planner.tokens(k) if planner else None)
+                h0 = time.perf_counter()  # a planner's block, or waiting for it, is host time too
+                tokens = planner.tokens(k) if planner else None
+                self.stats.host_seconds += time.perf_counter() - h0
+                planned = self._plan_block(block, tokens)
                 for plan in planned:
                     n_group = sum(len(it.spans) + (1 if self.galp else 0) for it in plan.items)
                     if progress:  # within a group, report by the share of its token-forwards done

@@ -9,8 +9,10 @@ pure function of its arguments, so where it runs changes nothing in the results:
 or in-process, the tokens, keys and scores are the same (tests/test_prefetch.py).
 
 Planner processes are spawned (never forked: the scoring process holds torch, DuckDB and
-Dagster threads), each with its own copy of the tokenizer. A planner that dies (killed, out of
-memory) is not fatal: the scorer plans what is left itself and says so in the log.
+Dagster threads), each with its own copy of the tokenizer; as with any spawned process, a script
+that scores must guard its entry point (`if __name__ == "__main__":`). A planner that dies
+(killed, out of memory) or fails is not fatal: the scorer plans what is left itself and says so
+in the log (a planning error then raises here, as it would have without planners).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Planners:
         self.workers = workers
         self.pool: ProcessPoolExecutor | None = None
         self.broken = False
+        self.blocks_ahead = 0   # blocks whose tokens came from a planner
 
     def ahead(self, blocks: list) -> "Planner | None":
         """A planner for one `score` call's blocks (per block: prompts of each group, items), or
@@ -62,7 +65,9 @@ class Planners:
         return Planner(self, blocks)
 
     def stopped(self, e: BaseException) -> None:
-        log.warning("the planner process stopped (%s); planning the remaining blocks in the scoring process", e)
+        if not self.broken:  # once, though every block in flight reports it
+            log.warning("the planner process stopped or failed (%s: %s); planning the remaining blocks in the "
+                        "scoring process", type(e).__name__, e)
         self.broken = True
         self.close()
 
@@ -92,8 +97,10 @@ class Planner:
                 self._next += 1
             fut = self._futures.pop(k, None)
             if fut is not None:
-                return fut.result()
-        except BrokenProcessPool as e:
+                out = fut.result()
+                pl.blocks_ahead += 1
+                return out
+        except Exception as e:  # noqa: BLE001 - a dead planner, or one failing: what it failed on fails here too
             pl.stopped(e)
         return block_tokens(*pl.args, *self._blocks[k])
 
