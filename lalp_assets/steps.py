@@ -97,20 +97,18 @@ def build(segmentation, student, settings, partitions_def, backfill) -> dg.Asset
                 con.unregister("_lalp_kept")
             con.execute("DELETE FROM quarantine WHERE stage = 'steps' AND teacher IN (SELECT unnest(?))", [replaced])
 
-        def write(con, ids, steps, rejected):
-            # the batch's responses replace whatever a run beside this one wrote for them since
-            # this run's `clear` (the same steps: segmentation is deterministic), so two runs at
-            # once neither collide on the key nor leave a quarantine row twice
-            con.register("_lalp_batch", pl.DataFrame({"response_id": ids}, schema={"response_id": pl.Utf8}).to_arrow())
+        def write(con, steps, rejected):
+            # the batch's rows replace whatever a run beside this one wrote for them since this
+            # run's `clear` (the same steps: segmentation is deterministic): steps by their key,
+            # step quarantine rows (no key) by their source row, so two runs at once neither
+            # collide on the key nor leave a quarantine row twice
             con.register("_lalp_rejected", rejected.select("source_sha256", "source_row").to_arrow())
             try:
-                con.execute("DELETE FROM reasoning_steps WHERE response_id IN (SELECT response_id FROM _lalp_batch)")
                 con.execute("DELETE FROM quarantine WHERE stage = 'steps' AND (source_sha256, source_row) IN "
                             "(SELECT source_sha256, source_row FROM _lalp_rejected)")
             finally:
-                con.unregister("_lalp_batch")
                 con.unregister("_lalp_rejected")
-            insert(con, "reasoning_steps", steps)
+            insert(con, "reasoning_steps", steps, mode="replace")
             insert(con, "quarantine", rejected.with_columns(
                 pl.lit("steps").alias("stage"), pl.lit(context.run.run_id).alias("ingest_run_id"),
                 pl.lit(utcnow()).alias("quarantined_at")))
@@ -139,7 +137,7 @@ def build(segmentation, student, settings, partitions_def, backfill) -> dg.Asset
                     pl.lit(context.run.run_id).alias("steps_run_id"),
                 )
                 with session.use() as con:
-                    run_transaction(con, lambda: write(con, ids, steps, screened.rejected))
+                    run_transaction(con, lambda: write(con, steps, screened.rejected))
                 # the check runs batch by batch (steps tile their own responses); outcomes merged below
                 checks.append(gx_suites.steps_suite(steps, screened.kept))
                 preview = steps if preview is None or preview.height == 0 else preview
